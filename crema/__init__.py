@@ -1,0 +1,1 @@
+"""`crema`: the command-line front door. Subcommands import their packages only when they run."""

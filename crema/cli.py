@@ -1,0 +1,226 @@
+"""`crema <subcommand>`: info, run, checkpoint, demo. Heavy packages load inside each command."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--preset", help="tiny | bench | flant5xl: preset shapes, seeded random weights")
+    src.add_argument("--checkpoint", type=Path, help="a directory written by `crema checkpoint`")
+    src.add_argument("--blip2-dir", type=Path, help="HF BLIP-2 FlanT5 directory (safetensors + tokenizer.json)")
+    src.add_argument("--crema-ckpt", type=Path, help="CREMA LAVIS checkpoint (.pth), with --blip2-dir")
+    src.add_argument("--beats-ckpt", type=Path, help="BEATs checkpoint (.pt), when audio is configured")
+    opt = p.add_argument_group("CREMA options (override the preset or checkpoint)")
+    opt.add_argument("--modalities", help="e.g. rgb_depth_flow_norm, rgb_audio, rgb_depth-skip")
+    opt.add_argument("--task", choices=["concat", "espresso", "espresso_concat"])
+    opt.add_argument("--downstream", choices=["oeqa", "mcqa"], help="open-ended or multiple-choice QA")
+    opt.add_argument("--frames", type=int, dest="frame_num", help="frames per clip (frame_num)")
+    opt.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+
+
+def _overrides(args) -> dict:
+    from reference.config import parse_modalities
+    out = {}
+    if args.modalities:
+        out["modalities"] = parse_modalities(args.modalities)
+    if args.task:
+        out["task"] = args.task
+    if args.downstream:
+        out["downstream_task"] = args.downstream
+    if args.frame_num:
+        out["frame_num"] = args.frame_num
+    return out
+
+
+def _config(args):
+    from reference.config import preset
+    if not args.preset:
+        raise SystemExit("error: --preset is required here")
+    return preset(args.preset, **_overrides(args))
+
+
+def load_model(args):
+    """The reference model from exactly one source."""
+    from reference import weights
+    sources = [s for s in (args.preset, args.checkpoint, args.blip2_dir) if s]
+    if len(sources) != 1:
+        raise SystemExit("error: give exactly one of --preset, --checkpoint, --blip2-dir")
+    if args.preset:
+        return weights.preset_model(_config(args), seed=args.seed)
+    if args.checkpoint:
+        return weights.load_checkpoint(args.checkpoint, **_overrides(args))
+    model, report = weights.load_pretrained(args.blip2_dir, args.crema_ckpt, args.beats_ckpt, **_overrides(args))
+    print(report.summary(), file=sys.stderr)
+    return model
+
+
+# --- info --------------------------------------------------------------------------------------
+
+def cmd_info(args) -> None:
+    import torch
+
+    from reference.model import Crema
+    from reference.tokenizer import TextTokenizer
+
+    cfg = _config(args)
+    start = time.perf_counter()
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = Crema(cfg, TextTokenizer.preset())
+    rows = parameter_table(model)
+    width = max(len(name) for name, _ in rows)
+    print(f"preset {args.preset}: modalities {'_'.join(cfg.modalities)}, task {cfg.task}, "
+          f"{cfg.downstream_task}, {cfg.frame_num} frames, {cfg.num_query_token} query tokens")
+    for name, n in rows:
+        print(f"  {name:<{width}}  {n:>15,}  ({n / 1e6:,.1f} M)")
+    tokens = model.multimodal_token_count(audio_clips=cfg.audio.num_clips)
+    print(f"LLM input tokens per request: {tokens} multimodal + the question (at most {cfg.max_txt_len})")
+    print(f"  (prefixes counted with the preset tokenizer; computed in {time.perf_counter() - start:.2f} s)")
+
+
+def parameter_table(model) -> list[tuple[str, int]]:
+    """(part, parameter count) for each part of the model, and the total."""
+    from reference.lora import MultiLoRALinear
+
+    def count(params) -> int:
+        return sum(p.numel() for p in params)
+
+    cfg, rows = model.cfg, []
+    if cfg.visual_modalities:
+        # HF stores EVA's q/v biases as one qkv bias whose k third is zero: not an EVA parameter
+        k_bias = cfg.vision.num_layers * cfg.vision.hidden_size
+        rows.append((f"vision encoder (EVA ViT, {cfg.vision.num_layers} blocks)",
+                     count(model.vision_model.parameters()) - k_bias))
+    if "audio" in cfg.modality_names:
+        rows.append(("audio encoder (BEATs) + projection", count(model.audio_encoder.parameters())
+                     + count(model.projection_audio.parameters())))
+    lora = {m: 0 for m in cfg.modality_names}
+    for module in model.qformer.modules():
+        if isinstance(module, MultiLoRALinear):
+            for m in lora:
+                lora[m] += count(getattr(module, f"w_a_{m}").parameters()) + count(getattr(module, f"w_b_{m}").parameters())
+    rows.append(("Q-Former (BLIP-2, shared)", count(model.qformer.parameters()) - sum(lora.values())))
+    for m in cfg.modality_names:
+        head = [getattr(model, f"query_tokens_{m}")] + list(getattr(model, f"t5_proj_{m}").parameters())
+        if hasattr(model, f"ln_{m}"):
+            head += list(getattr(model, f"ln_{m}").parameters())
+        rows.append((f"MMQA-{m}: LoRA r={cfg.lora_rank} + query tokens, t5_proj, ln", lora[m] + count(head)))
+    if cfg.espresso:
+        rows.append(("espresso fusion", count(model.fusion.parameters())))
+    rows.append((f"LLM (Flan-T5, {cfg.t5.num_layers}+{cfg.t5.num_decoder_layers} layers)",
+                 count(model.language_model.parameters())))
+    rows.append(("total", sum(n for _, n in rows)))
+    return rows
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+def cmd_run(args) -> None:
+    import numpy as np
+    import torch
+
+    from reference.model import CremaInputs
+    from runtime.video import read_video
+
+    model = load_model(args)
+    cfg = model.cfg
+    inputs = CremaInputs(questions=[args.question])
+    size = cfg.vision.image_size
+    visual = dict(item.split("=", 1) for item in args.visual)
+    if args.video:
+        visual.setdefault("rgb", str(args.video))
+    for m in cfg.visual_modalities:
+        if m not in visual:
+            raise SystemExit(f"error: modality {m!r} is configured: give --video (rgb) or --visual {m}=FILE")
+        path = Path(visual[m])
+        frames = np.load(path) if path.suffix == ".npy" else read_video(path, cfg.frame_num, size)
+        inputs.frames[m] = torch.from_numpy(np.asarray(frames, dtype=np.float32))[None]
+    for m in visual:
+        if m not in cfg.visual_modalities:
+            raise SystemExit(f"error: --visual {m}=...: modality {m!r} is not configured ({'_'.join(cfg.modalities)})")
+    if args.fbank:
+        inputs.audio = torch.from_numpy(np.load(args.fbank).astype(np.float32))[None]
+    if args.pc_feat:
+        inputs.pc_feat = torch.from_numpy(np.load(args.pc_feat).astype(np.float32))[None]
+    if args.pc_coords:
+        inputs.pc_coords = torch.from_numpy(np.load(args.pc_coords).astype(np.int64))[None]
+    start = time.perf_counter()
+    answer = model.generate(inputs)[0]
+    print(f"question: {args.question}")
+    print(f"answer:   {answer.text}")
+    if answer.option_scores is not None:
+        print("scores:   " + "  ".join(f"{l}={s:.3f}" for l, s in zip("ABCDE", answer.option_scores)))
+    print(f"({time.perf_counter() - start:.2f} s, PyTorch reference)", file=sys.stderr)
+
+
+def cmd_checkpoint(args) -> None:
+    from reference.weights import save_checkpoint
+    model = load_model(args)
+    print(save_checkpoint(model, args.out, extra={"seed": args.seed, "preset": args.preset}))
+
+
+def cmd_demo(args) -> None:
+    from crema.demo import write_clip
+    clip = write_clip(args.out / "clip.mp4")
+    print(f"wrote {clip}")
+    args.video, args.visual, args.fbank, args.pc_feat, args.pc_coords = clip, [], None, None, None
+    args.checkpoint = args.blip2_dir = None
+    args.modalities = args.task = args.downstream = args.frame_num = None
+    for question in args.questions:
+        args.question = question
+        cmd_run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="crema", description="CREMA inference runtime: reference, export, serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameter counts and LLM token budget of a preset (no weights allocated)")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--modalities")
+    p.add_argument("--task", choices=["concat", "espresso", "espresso_concat"])
+    p.add_argument("--downstream", choices=["oeqa", "mcqa"])
+    p.add_argument("--frames", type=int, dest="frame_num")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="answer one question in process (PyTorch reference)")
+    _model_args(p)
+    p.add_argument("--question", required=True)
+    p.add_argument("--video", type=Path, help="the rgb video file")
+    p.add_argument("--visual", action="append", default=[], metavar="MODALITY=FILE",
+                   help="another visual modality as a video rendered like it, or pre-extracted frames "
+                        "(.npy [T, 3, H, W], normalised); repeatable")
+    p.add_argument("--fbank", type=Path, help="audio: normalised fbank clips .npy [clips, frames, 128]")
+    p.add_argument("--pc-feat", type=Path, help="3D: point features .npy [points, feature_dim]")
+    p.add_argument("--pc-coords", type=Path, help="3D: voxel coordinates .npy [points, 3]")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("checkpoint", help="write a preset's weights, config and tokenizer as a checkpoint directory")
+    _model_args(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_checkpoint)
+
+    p = sub.add_parser("demo", help="generate a clip and answer questions about it")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument("--question", dest="questions", action="append",
+                   default=None, help="repeatable; default: two questions about the clip")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "questions", "unset") is None:
+        args.questions = ["What color is the ball?", "Where does the ball move?"]
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # our errors name the problem: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Weights: non-degenerate random init for presets, and strict loading of real checkpoints.
+
+Sources, merged into our module names (which mirror HF BLIP-2 for the frozen parts and CREMA's
+LAVIS names for the per-modality parts):
+  * a HF BLIP-2 FlanT5 directory (`config.json`, `*.safetensors`, `tokenizer.json`): names kept;
+  * a CREMA LAVIS checkpoint (`.pth`, loaded with `weights_only=True`): renamed by `LAVIS_TO_OURS`;
+  * a BEATs checkpoint (`{"cfg", "model"}`) for audio: prefixed `audio_encoder.model.`;
+  * our own checkpoint directory (`model.safetensors` + `config.json` + `tokenizer.json`).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .beats import BEATS_CFG_FIELDS
+from .config import ALL_MODALITIES, AudioConfig, CremaConfig, QFormerConfig, T5Config, VisionConfig
+from .model import Crema
+from .tokenizer import TextTokenizer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the configured model; the message lists what is wrong."""
+
+
+# (LAVIS regex, our name). First match wins; EVA's q_bias/v_bias are merged separately.
+LAVIS_TO_OURS: list[tuple[str, str]] = [
+    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
+    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
+    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
+    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+    (r"^Qformer\.bert\.embeddings\.LayerNorm\.", "qformer.layernorm."),
+    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.attention\.self\.(query|value)\.w\.",
+     r"qformer.encoder.layer.\1.attention.attention.\2."),
+    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.",
+     r"qformer.encoder.layer.\1.\2.attention."),
+    (r"^Qformer\.bert\.encoder\.layer\.(\d+)\.", r"qformer.encoder.layer.\1."),
+    (r"^t5_model\.", "language_model."),
+]
+
+# (our regex, LAVIS name): the inverse, for writing LAVIS-format checkpoints.
+OURS_TO_LAVIS: list[tuple[str, str]] = [
+    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm1\.", r"visual_encoder.blocks.\1.norm1."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm2\.", r"visual_encoder.blocks.\1.norm2."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.weight$", r"visual_encoder.blocks.\1.attn.qkv.weight"),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+    (r"^qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.attention\.attention\.(query|value)\.(weight|bias)$",
+     r"Qformer.bert.encoder.layer.\1.attention.self.\2.w.\3"),
+    (r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.",
+     r"Qformer.bert.encoder.layer.\1.\2.self."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.", r"Qformer.bert.encoder.layer.\1."),
+    (r"^language_model\.", "t5_model."),
+]
+
+# Checkpoint keys CREMA does not use (after renaming), with the reason.
+UNUSED_KEYS: list[tuple[str, str]] = [
+    (r"^\w+_gradsel_embed$", "CREMA's gradient-selection embeddings (training only)"),
+    (r"^ln_pc\.", "CREMA defines ln_pc but feeds pc features to the Q-Former without it"),
+    (r"^Qformer\.cls\.", "Q-Former LM head (text path, removed by CREMA)"),
+    (r"^Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings|position_ids)",
+     "Q-Former text embeddings (removed by CREMA)"),
+    (r"^qformer\.embeddings\.", "Q-Former text embeddings (removed by CREMA)"),
+    (r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.", "Q-Former text-path FFN (removed by CREMA)"),
+    (r"^vision_model\.post_layernorm\.", "BLIP-2 ln_vision: CREMA uses ln_{modality} instead"),
+    (r"^query_tokens$", "BLIP-2 query tokens: CREMA uses query_tokens_{modality}"),
+    (r"^language_projection\.", "BLIP-2 projection: CREMA uses t5_proj_{modality}"),
+    (r"^visual_encoder\.norm\.", "ViT final norm (BLIP-2 drops it)"),
+    (r"^audio_encoder\.model\.predictor\.", "BEATs classifier head (CREMA uses the features)"),
+]
+# Keys of a modality that is not configured: ignored, and reported.
+_MODALITY_KEY = re.compile(r"(query_tokens|t5_proj|ln|w_a|w_b)_(%s)\b" % "|".join(ALL_MODALITIES))
+
+
+def _rename(key: str, table: list[tuple[str, str]]) -> str:
+    for pattern, repl in table:
+        if re.search(pattern, key):
+            return re.sub(pattern, repl, key)
+    return key
+
+
+def lavis_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a LAVIS (CREMA) state dict; merge EVA's q_bias/v_bias into qkv.bias (no k bias)."""
+    out, biases = {}, {}
+    for key, value in state.items():
+        m = re.match(r"^visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$", key)
+        if m:
+            biases.setdefault(m.group(1), {})[m.group(2)] = value
+            continue
+        out[_rename(key, LAVIS_TO_OURS)] = value
+    for block, qv in biases.items():
+        if set(qv) != {"q", "v"}:
+            raise CheckpointError(f"visual_encoder.blocks.{block}.attn: has only {set(qv)} of q_bias/v_bias")
+        out[f"vision_model.encoder.layers.{block}.self_attn.qkv.bias"] = torch.cat(
+            [qv["q"], torch.zeros_like(qv["q"]), qv["v"]])
+    return out
+
+
+def ours_to_lavis(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `lavis_to_ours`: what CREMA's LAVIS model would save."""
+    out = {}
+    for key, value in state.items():
+        m = re.match(r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.bias$", key)
+        if m:
+            q, k, v = value.chunk(3)
+            if k.abs().max() > 0:
+                raise CheckpointError(f"{key}: EVA has no key bias, but its k part is non-zero")
+            out[f"visual_encoder.blocks.{m.group(1)}.attn.q_bias"] = q.clone()
+            out[f"visual_encoder.blocks.{m.group(1)}.attn.v_bias"] = v.clone()
+            continue
+        out[_rename(key, OURS_TO_LAVIS)] = value
+    return out
+
+
+# --- strict loading ------------------------------------------------------------------------------
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    ignored: dict[str, str] = field(default_factory=dict)  # key -> reason
+
+    def summary(self) -> str:
+        reasons: dict[str, int] = {}
+        for r in self.ignored.values():
+            reasons[r] = reasons.get(r, 0) + 1
+        lines = [f"loaded {self.loaded} tensors"] + [f"ignored {n} keys: {r}" for r, n in reasons.items()]
+        return "\n".join(lines)
+
+
+def _unused_reason(key: str) -> str | None:
+    for pattern, reason in UNUSED_KEYS:
+        if re.search(pattern, key):
+            return reason
+    return None
+
+
+def _listing(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(sorted(keys)[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_state(model: Crema, state: dict[str, torch.Tensor], strict: bool = True) -> LoadReport:
+    """Load `state` (our names) into `model`. Strict: refuse missing, unexpected or mis-shaped keys."""
+    expected = model.state_dict()
+    for tied in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        if f"language_model.{tied}" not in state and "language_model.shared.weight" in state:
+            state = {**state, f"language_model.{tied}": state["language_model.shared.weight"]}
+    report, accepted = LoadReport(), {}
+    unexpected, mismatched = [], []
+    configured = set(model.cfg.modality_names)
+    for key, value in state.items():
+        if key in expected:
+            if tuple(value.shape) != tuple(expected[key].shape):
+                mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}")
+            else:
+                accepted[key] = value
+            continue
+        reason = _unused_reason(key)
+        m = _MODALITY_KEY.search(key)
+        if reason is None and m and m.group(2) not in configured:
+            reason = f"modality {m.group(2)!r} is in the checkpoint but not configured"
+        if reason:
+            report.ignored[key] = reason
+        else:
+            unexpected.append(key)
+    bad_shape = {x.split(":")[0] for x in mismatched}
+    missing = [k for k in expected if k not in accepted and k not in bad_shape]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} tensors with the wrong shape: " + "; ".join(mismatched[:10]))
+    if strict and missing:
+        problems.append(f"{len(missing)} model weights missing from the checkpoint: {_listing(missing)}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} checkpoint keys the model does not have: {_listing(unexpected)}")
+    if problems:
+        raise CheckpointError("refusing a partial or mismatched load:\n  " + "\n  ".join(problems))
+    model.load_state_dict(accepted, strict=False)
+    report.loaded = len(accepted)
+    return report
+
+
+# --- random non-degenerate weights (DESIGN §4) -----------------------------------------------------
+
+def init_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Non-degenerate weights: every matrix ~N(0, 1/fan_in) (0.013-0.027 at real widths, larger at
+    tiny widths so activations stay O(1)), embeddings and query tokens ~N(0, std), norm gains
+    1 + N(0, 0.1), biases ~N(0, std), LoRA B non-zero (training would start it at zero).
+
+    EVA has no key bias: the k third of each ViT qkv bias stays zero (as a real checkpoint has).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight_g"):  # BEATs weight-norm gain: positive
+                p.copy_(1.0 + 0.1 * torch.rand(p.shape, generator=g))
+            elif p.dim() == 1 and (name.endswith("weight") or "norm" in name.lower()):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("grep_a"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() >= 2 and "embed" not in name and "query_tokens" not in name and "shared" not in name:
+                fan_in = p[0].numel()  # keeps activations O(1) at every width; about `std` at real widths
+                p.copy_(fan_in ** -0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+            if name.endswith("self_attn.qkv.bias"):
+                p[p.shape[0] // 3: 2 * p.shape[0] // 3] = 0
+    return model
+
+
+# --- file formats -------------------------------------------------------------------------------
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def save_checkpoint(model: Crema, directory: str | Path, extra: dict | None = None) -> Path:
+    """Our format: model.safetensors (our names) + config.json (CremaConfig) + tokenizer.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("language_model.encoder.embed_tokens")
+             and not k.startswith("language_model.decoder.embed_tokens")}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps({"crema": model.cfg.to_dict(), **(extra or {})}, indent=2))
+    model.tokenizer.save(directory)
+    return directory
+
+
+def load_checkpoint(directory: str | Path, **config_overrides) -> Crema:
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory}: missing {name} (not a crema checkpoint directory)")
+    cfg = CremaConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text())["crema"])
+    if config_overrides:
+        cfg = cfg.replace(**config_overrides)
+    model = Crema(cfg, TextTokenizer.from_file(directory))
+    load_state(model, load_file(str(directory / WEIGHTS_FILE)))
+    return model
+
+
+def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors weights (convert .bin weights with "
+                              "transformers' save_pretrained(safe_serialization=True))")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def read_lavis_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A LAVIS `.pth` ({"model": state_dict} or a bare state_dict), without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint: {e}") from e
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (or {{'model': state_dict}})")
+    return state
+
+
+def read_beats_checkpoint(path: str | Path, audio: AudioConfig) -> dict[str, torch.Tensor]:
+    """A BEATs `.pt` ({"cfg": dict, "model": state_dict}) -> our names; its cfg must match `audio`."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be read as a weights-only BEATs checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "cfg" not in ckpt:
+        raise CheckpointError(f"{path}: expected a BEATs checkpoint with 'cfg' and 'model' entries")
+    diffs = [f"{k}: checkpoint {ckpt['cfg'][k]!r}, config {getattr(audio, k)!r}"
+             for k in BEATS_CFG_FIELDS if k in ckpt["cfg"] and ckpt["cfg"][k] != getattr(audio, k)]
+    if diffs:
+        raise CheckpointError(f"{path}: BEATs config differs from the audio config: " + "; ".join(diffs))
+    return {f"audio_encoder.model.{k}": v for k, v in ckpt["model"].items()}
+
+
+def config_from_blip2_dir(directory: str | Path, **crema_options) -> CremaConfig:
+    """Shapes from a HF BLIP-2 `config.json`; CREMA options (modalities, task, ...) from arguments."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (expected a HF BLIP-2 FlanT5 directory)")
+    hf = json.loads(path.read_text())
+    try:
+        v, q, t = hf["vision_config"], hf["qformer_config"], hf["text_config"]
+        vision = VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 14),
+                              hidden_size=v["hidden_size"], num_layers=v["num_hidden_layers"],
+                              num_heads=v["num_attention_heads"], mlp_dim=v["intermediate_size"],
+                              layer_norm_eps=v.get("layer_norm_eps", 1e-6))
+        qformer = QFormerConfig(hidden_size=q.get("hidden_size", 768), num_layers=q.get("num_hidden_layers", 12),
+                                num_heads=q.get("num_attention_heads", 12),
+                                intermediate_size=q.get("intermediate_size", 3072),
+                                cross_attention_freq=q.get("cross_attention_frequency", 2),
+                                layer_norm_eps=q.get("layer_norm_eps", 1e-12))
+        t5 = T5Config(d_model=t["d_model"], d_kv=t["d_kv"], d_ff=t["d_ff"], num_layers=t["num_layers"],
+                      num_decoder_layers=t.get("num_decoder_layers", t["num_layers"]), num_heads=t["num_heads"],
+                      vocab_size=t["vocab_size"],
+                      relative_attention_num_buckets=t.get("relative_attention_num_buckets", 32),
+                      relative_attention_max_distance=t.get("relative_attention_max_distance", 128),
+                      layer_norm_epsilon=t.get("layer_norm_epsilon", 1e-6))
+        num_query_token = hf.get("num_query_tokens", 32)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: not a BLIP-2 config (missing {e})") from e
+    return CremaConfig(vision=vision, qformer=qformer, t5=t5, num_query_token=num_query_token, **crema_options)
+
+
+def load_pretrained(blip2_dir: str | Path, crema_ckpt: str | Path | None = None,
+                    beats_ckpt: str | Path | None = None, strict: bool = True,
+                    **crema_options) -> tuple[Crema, LoadReport]:
+    """The real model: HF BLIP-2 FlanT5 directory + CREMA LAVIS checkpoint (+ BEATs for audio)."""
+    blip2_dir = Path(blip2_dir)
+    cfg = config_from_blip2_dir(blip2_dir, **crema_options)
+    model = Crema(cfg, TextTokenizer.from_file(blip2_dir))
+    state = read_safetensors_dir(blip2_dir)
+    if crema_ckpt is not None:
+        state.update(lavis_to_ours(read_lavis_checkpoint(crema_ckpt)))
+    if beats_ckpt is not None:
+        state.update(read_beats_checkpoint(beats_ckpt, cfg.audio))
+    elif "audio" in cfg.modality_names and strict:
+        raise CheckpointError("audio is configured: pass the BEATs checkpoint (--beats-ckpt)")
+    return model, load_state(model, state, strict=strict)
+
+
+def preset_model(cfg: CremaConfig, seed: int = 0) -> Crema:
+    """A preset-shaped model with non-degenerate random weights and the preset tokenizer."""
+    return init_random(Crema(cfg, TextTokenizer.preset()), seed=seed)
