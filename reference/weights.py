@@ -140,6 +140,14 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def shared_parameter_names(model: nn.Module) -> list[list[str]]:
+    """Groups of state-dict names that are one tensor (tied embeddings, BEATs' shared bias table)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def _unused_reason(key: str) -> str | None:
     for pattern, reason in UNUSED_KEYS:
         if re.search(pattern, key):
@@ -155,9 +163,12 @@ def _listing(keys: list[str], limit: int = 20) -> str:
 def load_state(model: Crema, state: dict[str, torch.Tensor], strict: bool = True) -> LoadReport:
     """Load `state` (our names) into `model`. Strict: refuse missing, unexpected or mis-shaped keys."""
     expected = model.state_dict()
-    for tied in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        if f"language_model.{tied}" not in state and "language_model.shared.weight" in state:
-            state = {**state, f"language_model.{tied}": state["language_model.shared.weight"]}
+    state = dict(state)
+    for group in shared_parameter_names(model):  # e.g. T5 embed_tokens = shared: one copy is enough
+        present = [n for n in group if n in state]
+        for name in group:
+            if present and name not in state:
+                state[name] = state[present[0]]
     report, accepted = LoadReport(), {}
     unexpected, mismatched = [], []
     configured = set(model.cfg.modality_names)
@@ -229,9 +240,8 @@ def save_checkpoint(model: Crema, directory: str | Path, extra: dict | None = No
     """Our format: model.safetensors (our names) + config.json (CremaConfig) + tokenizer.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not k.startswith("language_model.encoder.embed_tokens")
-             and not k.startswith("language_model.decoder.embed_tokens")}
+    aliases = {name for group in shared_parameter_names(model) for name in group[1:]}
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in aliases}
     save_file(state, str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(json.dumps({"crema": model.cfg.to_dict(), **(extra or {})}, indent=2))
     model.tokenizer.save(directory)

@@ -1,0 +1,66 @@
+"""The `crema` command as a user runs it (subprocesses)."""
+import subprocess
+import sys
+
+import numpy as np
+
+from crema.demo import write_clip
+
+
+def crema(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "crema.cli", *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_help_lists_subcommands():
+    out = crema("--help").stdout
+    for sub in ("info", "run", "checkpoint", "demo"):
+        assert sub in out
+
+
+def test_info_flant5xl_matches_published_sizes():
+    out = crema("info", "--preset", "flant5xl").stdout
+    assert "EVA ViT, 39 blocks" in out and "985,894,528" in out  # ViT-g without its 40th block
+    assert "2,849,757,184" in out  # Flan-T5-XL, untied lm_head
+    assert "Q-Former (BLIP-2, shared)" in out and "MMQA-depth: LoRA r=64" in out
+    assert "LLM input tokens per request" in out
+
+
+def test_run_answers_about_a_video(tmp_path):
+    clip = write_clip(tmp_path / "clip.mp4")
+    out = crema("run", "--preset", "tiny", "--video", str(clip), "--question", "What color is the ball?")
+    assert "question: What color is the ball?" in out.stdout and "answer:" in out.stdout
+    # mcqa with a second visual modality from pre-extracted frames
+    depth = tmp_path / "depth.npy"
+    np.save(depth, np.zeros((2, 3, 56, 56), np.float32))
+    out = crema("run", "--preset", "tiny", "--modalities", "rgb_depth", "--downstream", "mcqa",
+                "--video", str(clip), "--visual", f"depth={depth}", "--question", "Which option? A B C D E")
+    assert "scores:" in out.stdout
+
+
+def test_run_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"garbage" * 100)
+    proc = crema("run", "--preset", "tiny", "--video", str(bad), "--question", "Q?", check=False)
+    assert proc.returncode == 2 and "bad.mp4" in proc.stderr and "Traceback" not in proc.stderr
+    proc = crema("run", "--preset", "tiny", "--modalities", "rgb_sound", "--video", str(bad), "--question", "Q?",
+                 check=False)
+    assert proc.returncode == 2 and "unknown modality 'sound'" in proc.stderr
+    clip = write_clip(tmp_path / "clip.mp4")
+    proc = crema("run", "--preset", "tiny", "--video", str(clip), "--question", " ", check=False)
+    assert proc.returncode == 2 and "empty question" in proc.stderr
+
+
+def test_checkpoint_then_run(tmp_path):
+    crema("checkpoint", "--preset", "tiny", "--out", str(tmp_path / "ckpt"))
+    clip = write_clip(tmp_path / "clip.mp4")
+    a = crema("run", "--checkpoint", str(tmp_path / "ckpt"), "--video", str(clip), "--question", "What?").stdout
+    b = crema("run", "--preset", "tiny", "--video", str(clip), "--question", "What?").stdout
+    assert a == b
+
+
+def test_demo(tmp_path):
+    out = crema("demo", "--out", str(tmp_path)).stdout
+    assert out.count("answer:") == 2 and (tmp_path / "clip.mp4").stat().st_size > 0
