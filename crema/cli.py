@@ -153,7 +153,8 @@ def cmd_run(args) -> None:
     print(f"answer:   {answer.text}")
     if answer.option_scores is not None:
         print("scores:   " + "  ".join(f"{l}={s:.3f}" for l, s in zip("ABCDE", answer.option_scores)))
-    print(f"({time.perf_counter() - start:.2f} s, PyTorch reference)", file=sys.stderr)
+    note = f", preset {args.preset!r}: seeded random weights, not a trained model" if args.preset else ""
+    print(f"({time.perf_counter() - start:.2f} s, PyTorch reference{note})", file=sys.stderr)
 
 
 def cmd_checkpoint(args) -> None:
