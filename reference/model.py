@@ -363,7 +363,7 @@ class Crema(nn.Module):
         out = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
         answers = []
         for row in out:
-            ids = [int(i) for i in row[1:]]  # drop the decoder start token
+            ids = _trim(row[1:])  # drop the decoder start token and any padding after EOS
             answers.append(Answer(self.tokenizer.decode(ids) or "unanswerable", ids))
         return answers
 
@@ -374,11 +374,21 @@ class Crema(nn.Module):
         out = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
         answers = []
         for i, row in enumerate(out.sequences):
-            ids = [int(t) for t in row[1:]]
+            ids = _trim(row[1:])
             step = 1 if len(out.scores) > 1 and ids[0] != self.tokenizer.eos_id else 0
             scores = out.scores[step][i, self.answer_ids]
             answers.append(Answer(ANSWER_LETTERS[int(scores.argmax())], ids, [float(s) for s in scores]))
         return answers
+
+
+def _trim(ids) -> list[int]:
+    """Generated ids up to and including the first EOS (generate pads finished rows)."""
+    out = []
+    for t in ids.tolist():
+        out.append(t)
+        if t == 1:
+            break
+    return out
 
 
 def _check(x, name: str, shape: tuple, layout: str) -> torch.Tensor:

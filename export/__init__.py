@@ -1,0 +1,1 @@
+"""PyTorch reference -> ONNX graphs per stage (runtime/specs.py), written as a verified artifact directory."""

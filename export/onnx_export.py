@@ -1,0 +1,87 @@
+"""Export every stage of a reference model to ONNX and write a verified artifact directory.
+
+Writes are atomic: graphs go to a temporary sibling directory that is renamed into place only
+after every graph passed `onnx.checker` and the manifest is written.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from tqdm import tqdm
+
+from reference.model import Crema
+from runtime.artifacts import write_manifest
+from runtime.specs import StageSpec, stage_specs
+
+from .stages import stage_module
+
+OPSET = 17
+# Trace-time sizes of the symbolic axes: all > 1 and distinct, so no axis is specialised away.
+SAMPLE_DIMS = {"images": 4, "rows": 4, "clips": 3, "batch": 2, "points": 5, "text": 7, "enc_len": 9, "past": 3}
+
+
+def sample_inputs(spec: StageSpec, cfg: dict, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the spec's shapes, with valid ids, masks and voxel coordinates."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in spec.inputs:
+        shape = tuple(SAMPLE_DIMS[d] if isinstance(d, str) else d for d in t.dims)
+        if t.name.endswith("_mask"):
+            x = torch.ones(shape, dtype=torch.long)
+            x[-1, -2:] = 0  # a padded row
+        elif t.name.endswith("_ids"):
+            x = torch.randint(2, cfg["t5"]["vocab_size"], shape, generator=g)
+        elif t.name == "pc_coords":
+            x = torch.randint(0, cfg["pc_grid"], shape, generator=g)
+        else:
+            x = torch.randn(shape, generator=g)
+        out.append(x)
+    return tuple(out)
+
+
+def export_stage(model: Crema, spec: StageSpec, path: Path) -> None:
+    module = stage_module(model, spec.name).eval()
+    cfg = model.cfg.to_dict()
+    dynamic = {t.name: t.dynamic_axes for t in spec.inputs + spec.outputs if t.dynamic_axes}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about python values are expected here
+        torch.onnx.export(module, sample_inputs(spec, cfg), str(path), input_names=spec.input_names,
+                          output_names=spec.output_names, dynamic_axes=dynamic, opset_version=OPSET,
+                          do_constant_folding=True, dynamo=False)
+    onnx.checker.check_model(str(path))  # by path: works for graphs with external data (> 2 GB)
+
+
+def versions() -> dict:
+    import onnxruntime
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def export_artifacts(model: Crema, out: str | Path, source: dict, progress: bool = True) -> Path:
+    """All stages of `model` -> `out/` (graphs, tokenizer.json, manifest.json), atomically."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not empty (choose another --out or remove it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg.to_dict()
+    specs = stage_specs(cfg)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for spec in tqdm(specs.values(), desc="export", unit="graph", disable=not progress):
+            export_stage(model, spec, tmp / spec.file)
+        model.tokenizer.save(tmp)
+        write_manifest(tmp, cfg, source, "fp32", list(model.answer_ids), versions())
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

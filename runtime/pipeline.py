@@ -1,0 +1,234 @@
+"""The ONNX Runtime pipeline: requests in, answers out, no torch (DESIGN §3 stages 2-6).
+
+    pipeline = Pipeline("artifacts/")
+    answers = pipeline.answer([Request("What color is the ball?", frames={"rgb": frames})])
+
+Sessions are created once. All visual modalities of all requests go through one `vision` call; the
+decode loop runs in numpy over the KV-cached decoder graphs (runtime/decoding.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import decoding
+from .artifacts import TOKENIZER, ArtifactError, Artifacts
+from .specs import VISUAL, StageSpec
+from .text import QuestionTokenizer
+
+LETTERS = "ABCDE"
+
+
+class RequestError(ValueError):
+    """A request the pipeline cannot answer; the message names the field."""
+
+
+@dataclass
+class Request:
+    """One question about one clip. Arrays are per request (no batch axis).
+
+    frames:    visual modality -> [T, 3, S, S] float32, normalised (runtime/video.py)
+    audio:     [clips, clip_frames, mel] float32 normalised fbank
+    pc_feat:   [P, Dv] float32; pc_coords: [P, 3] int voxel coordinates
+    """
+
+    question: str
+    frames: dict[str, np.ndarray] = field(default_factory=dict)
+    audio: np.ndarray | None = None
+    pc_feat: np.ndarray | None = None
+    pc_coords: np.ndarray | None = None
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    option_scores: list[float] | None = None
+
+
+class Stage:
+    """An ONNX Runtime session bound to its spec: checks input names/shapes, returns named outputs."""
+
+    def __init__(self, spec: StageSpec, path: Path, options: ort.SessionOptions, providers: list):
+        self.spec = spec
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # ORT raises several types for unreadable graphs
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it: {e}") from e
+        got = [i.name for i in self.session.get_inputs()]
+        if got != spec.input_names or [o.name for o in self.session.get_outputs()] != spec.output_names:
+            raise ArtifactError(f"{path}: inputs/outputs {got} do not match the stage spec {spec.input_names}")
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        feed = {}
+        for t in self.spec.inputs:
+            x = np.ascontiguousarray(inputs[t.name], dtype=t.dtype)
+            if not t.shape_ok(x.shape):
+                raise RequestError(f"{self.spec.name}.{t.name}: shape {x.shape}, expected {t.dims}")
+            feed[t.name] = x
+        return dict(zip(self.spec.output_names, self.session.run(None, feed)))
+
+
+class OrtStepModel:
+    """decoder_first / decoder_step with the self-attention cache kept as numpy arrays."""
+
+    def __init__(self, first: Stage, step: Stage, hidden: np.ndarray, mask: np.ndarray):
+        self._first, self._step = first, step
+        self.hidden, self.mask = hidden, mask
+        self.past: list[np.ndarray] = []
+        self.cross: list[np.ndarray] = []
+
+    def first(self) -> np.ndarray:
+        b = self.hidden.shape[0]
+        out = self._first(decoder_input_ids=np.zeros((b, 1), np.int64), encoder_hidden=self.hidden,
+                          encoder_mask=self.mask)
+        names = self._first.spec.output_names
+        self.past = [out[n] for n in names if n.startswith("present.")]
+        self.cross = [out[n] for n in names if n.startswith("cross.")]
+        return out["logits"]
+
+    def expand(self, n: int) -> None:
+        self.past = [np.repeat(x, n, axis=0) for x in self.past]
+        self.cross = [np.repeat(x, n, axis=0) for x in self.cross]
+        self.mask = np.repeat(self.mask, n, axis=0)
+
+    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
+        if reorder is not None:  # beams only move within their request: cross K/V stay as they are
+            self.past = [x[reorder] for x in self.past]
+        names = self._step.spec.input_names
+        feed = dict(zip([n for n in names if n.startswith("past.")], self.past))
+        feed.update(zip([n for n in names if n.startswith("cross.")], self.cross))
+        out = self._step(decoder_input_ids=tokens.reshape(-1, 1).astype(np.int64), encoder_mask=self.mask, **feed)
+        self.past = [out[n] for n in self._step.spec.output_names if n.startswith("present.")]
+        return out["logits"]
+
+
+class Pipeline:
+    def __init__(self, artifacts: str | Path, threads: int | None = None, providers: list | None = None):
+        self.artifacts = Artifacts(artifacts)
+        self.config = self.artifacts.config
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.stages = {name: Stage(spec, self.artifacts.path(name), options, providers)
+                       for name, spec in self.artifacts.specs.items()}
+        self.tokenizer = QuestionTokenizer(self.artifacts.dir / TOKENIZER, self.config["max_txt_len"])
+        self.answer_ids = self.artifacts.manifest["answer_ids"]
+        self.modalities = self.artifacts.modalities
+        self.visual = [m for m in self.modalities if m in VISUAL]
+
+    # --- stages ----------------------------------------------------------------------------
+    def check(self, requests: list[Request]) -> None:
+        if not requests:
+            raise RequestError("no request")
+        cfg = self.config
+        size, t = cfg["vision"]["image_size"], cfg["frame_num"]
+        for i, r in enumerate(requests):
+            if not isinstance(r.question, str) or not r.question.strip():
+                raise RequestError(f"requests[{i}].question: empty question")
+            for m in r.frames:
+                if m not in self.visual:
+                    raise RequestError(f"requests[{i}].frames[{m!r}]: modality not in these artifacts "
+                                       f"(exported: {', '.join(self.modalities)})")
+            for m in self.visual:
+                x = r.frames.get(m)
+                if x is None:
+                    raise RequestError(f"requests[{i}].frames[{m!r}]: missing (the artifacts need {m})")
+                if x.shape != (t, 3, size, size):
+                    raise RequestError(f"requests[{i}].frames[{m!r}]: shape {x.shape}, expected {(t, 3, size, size)}")
+                _finite(x, f"requests[{i}].frames[{m!r}]")
+            self._check_optional(i, r)
+        if "audio" in self.modalities and len({r.audio.shape[0] for r in requests}) > 1:
+            raise RequestError("audio: requests in one batch must have the same number of clips")
+
+    def _check_optional(self, i: int, r: Request) -> None:
+        cfg = self.config
+        for name, value, modality in (("audio", r.audio, "audio"), ("pc_feat", r.pc_feat, "pc"),
+                                      ("pc_coords", r.pc_coords, "pc")):
+            if value is not None and modality not in self.modalities:
+                raise RequestError(f"requests[{i}].{name}: modality {modality!r} not in these artifacts "
+                                   f"(exported: {', '.join(self.modalities)})")
+            if value is None and modality in self.modalities:
+                raise RequestError(f"requests[{i}].{name}: missing (the artifacts need {modality})")
+        a = cfg["audio"]
+        if r.audio is not None:
+            if r.audio.ndim != 3 or r.audio.shape[1:] != (a["clip_frames"], a["num_mel_bins"]) or not len(r.audio):
+                raise RequestError(f"requests[{i}].audio: shape {r.audio.shape}, expected "
+                                   f"(clips, {a['clip_frames']}, {a['num_mel_bins']})")
+            _finite(r.audio, f"requests[{i}].audio")
+        if r.pc_feat is not None:
+            dv = cfg["vision"]["hidden_size"]
+            if r.pc_feat.ndim != 2 or r.pc_feat.shape[1] != dv:
+                raise RequestError(f"requests[{i}].pc_feat: shape {r.pc_feat.shape}, expected (points, {dv})")
+            if r.pc_coords.shape != (r.pc_feat.shape[0], 3):
+                raise RequestError(f"requests[{i}].pc_coords: shape {r.pc_coords.shape}, expected ({r.pc_feat.shape[0]}, 3)")
+            if r.pc_coords.min() < 0 or r.pc_coords.max() >= cfg["pc_grid"]:
+                raise RequestError(f"requests[{i}].pc_coords: voxel coordinates must lie in [0, {cfg['pc_grid']})")
+            _finite(r.pc_feat, f"requests[{i}].pc_feat")
+
+    def modality_tokens(self, requests: list[Request]) -> dict[str, np.ndarray]:
+        """Each modality's tokens in fuse_encode's layout (runtime.specs.modality_token_dims)."""
+        b, t = len(requests), self.config["frame_num"]
+        out = {}
+        if self.visual:  # one batched ViT call for every visual modality of every request
+            pixels = np.concatenate([np.stack([r.frames[m] for r in requests]).reshape(-1, *requests[0].frames[m].shape[1:])
+                                     for m in self.visual])
+            features = self.stages["vision"](pixel_values=pixels)["features"]
+            for m, f in zip(self.visual, np.split(features, len(self.visual))):
+                tokens = self.stages[f"mmqa_{m}"](features=f)["tokens"]
+                out[m] = tokens.reshape(b, t, *tokens.shape[1:])
+        if "audio" in self.modalities:
+            clips = requests[0].audio.shape[0]
+            feats = self.stages["audio_encoder"](fbank=np.concatenate([r.audio for r in requests]))["features"]
+            tokens = self.stages["mmqa_audio"](features=feats)["tokens"]
+            out["audio"] = tokens.reshape(b, clips, *tokens.shape[1:])
+        if "pc" in self.modalities:  # point counts may differ: one call per request
+            out["pc"] = np.concatenate([self.stages["mmqa_pc"](pc_feat=r.pc_feat[None], pc_coords=r.pc_coords[None])["tokens"]
+                                        for r in requests])
+        return out
+
+    def encode(self, requests: list[Request]) -> tuple[np.ndarray, np.ndarray]:
+        """-> T5 encoder_hidden [B, S, d], encoder_mask [B, S]."""
+        self.check(requests)
+        ids, mask = self.tokenizer.encode([r.question for r in requests])
+        tokens = self.modality_tokens(requests)
+        out = self.stages["fuse_encode"](**{f"{m}_tokens": tokens[m] for m in self.modalities},
+                                         question_ids=ids, question_mask=mask)
+        return out["encoder_hidden"], out["encoder_mask"]
+
+    def step_model(self, hidden: np.ndarray, mask: np.ndarray) -> OrtStepModel:
+        return OrtStepModel(self.stages["decoder_first"], self.stages["decoder_step"], hidden, mask)
+
+    # --- answers ---------------------------------------------------------------------------
+    def generation(self, **overrides) -> dict:
+        g = dict(self.config["generation"])
+        g.update({k: v for k, v in overrides.items() if v is not None})
+        if self.config["downstream_task"] == "mcqa":
+            g["num_beams"] = 1
+        return g
+
+    def answer(self, requests: list[Request], **overrides) -> list[Answer]:
+        """overrides: num_beams, max_new_tokens, min_length, length_penalty."""
+        g = self.generation(**overrides)
+        hidden, mask = self.encode(requests)
+        model = self.step_model(hidden, mask)
+        if self.config["downstream_task"] == "mcqa":
+            tokens, step_logits = decoding.greedy(model, g["max_new_tokens"], g["min_length"])
+            scores = decoding.mcqa_scores(tokens, step_logits, self.answer_ids)
+            return [Answer(LETTERS[int(s.argmax())], ids, [float(x) for x in s]) for ids, s in zip(tokens, scores)]
+        if g["num_beams"] == 1:
+            tokens, _ = decoding.greedy(model, g["max_new_tokens"], g["min_length"])
+        else:
+            tokens = decoding.beam_search(model, g["num_beams"], g["max_new_tokens"], g["min_length"],
+                                          g["length_penalty"])
+        return [Answer(self.tokenizer.decode(ids) or "unanswerable", ids) for ids in tokens]
+
+
+def _finite(x: np.ndarray, name: str) -> None:
+    if not np.isfinite(x).all():
+        raise RequestError(f"{name}: contains NaN or infinite values")
