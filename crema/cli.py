@@ -118,43 +118,95 @@ def parameter_table(model) -> list[tuple[str, int]]:
 
 # --- run ---------------------------------------------------------------------------------------
 
-def cmd_run(args) -> None:
+def read_request(args, modalities: list[str], frame_num: int, image_size: int):
+    """CLI files -> runtime.pipeline.Request (numpy): videos decoded with OpenCV, .npy loaded."""
     import numpy as np
-    import torch
 
-    from reference.model import CremaInputs
+    from runtime.pipeline import Request
     from runtime.video import read_video
 
-    model = load_model(args)
-    cfg = model.cfg
-    inputs = CremaInputs(questions=[args.question])
-    size = cfg.vision.image_size
     visual = dict(item.split("=", 1) for item in args.visual)
     if args.video:
         visual.setdefault("rgb", str(args.video))
-    for m in cfg.visual_modalities:
-        if m not in visual:
-            raise SystemExit(f"error: modality {m!r} is configured: give --video (rgb) or --visual {m}=FILE")
-        path = Path(visual[m])
-        frames = np.load(path) if path.suffix == ".npy" else read_video(path, cfg.frame_num, size)
-        inputs.frames[m] = torch.from_numpy(np.asarray(frames, dtype=np.float32))[None]
     for m in visual:
-        if m not in cfg.visual_modalities:
-            raise SystemExit(f"error: --visual {m}=...: modality {m!r} is not configured ({'_'.join(cfg.modalities)})")
+        if m not in modalities:
+            raise ValueError(f"--visual {m}=...: modality {m!r} is not configured ({'_'.join(modalities)})")
+    request = Request(args.question)
+    for m in modalities:
+        if m in ("rgb", "depth", "flow", "norm"):
+            if m not in visual:
+                raise ValueError(f"modality {m!r} is configured: give --video (rgb) or --visual {m}=FILE")
+            path = Path(visual[m])
+            request.frames[m] = (np.load(path).astype(np.float32) if path.suffix == ".npy"
+                                 else read_video(path, frame_num, image_size))
     if args.fbank:
-        inputs.audio = torch.from_numpy(np.load(args.fbank).astype(np.float32))[None]
+        request.audio = np.load(args.fbank).astype(np.float32)
     if args.pc_feat:
-        inputs.pc_feat = torch.from_numpy(np.load(args.pc_feat).astype(np.float32))[None]
+        request.pc_feat = np.load(args.pc_feat).astype(np.float32)
     if args.pc_coords:
-        inputs.pc_coords = torch.from_numpy(np.load(args.pc_coords).astype(np.int64))[None]
-    start = time.perf_counter()
-    answer = model.generate(inputs)[0]
-    print(f"question: {args.question}")
+        request.pc_coords = np.load(args.pc_coords).astype(np.int64)
+    return request
+
+
+def _print_answer(question: str, answer, seconds: float, how: str) -> None:
+    print(f"question: {question}")
     print(f"answer:   {answer.text}")
     if answer.option_scores is not None:
         print("scores:   " + "  ".join(f"{l}={s:.3f}" for l, s in zip("ABCDE", answer.option_scores)))
+    print(f"({seconds:.2f} s, {how})", file=sys.stderr)
+
+
+def cmd_run(args) -> None:
+    if args.artifacts:  # the ONNX Runtime pipeline: torch is never imported
+        from runtime.pipeline import Pipeline
+        pipeline = Pipeline(args.artifacts, threads=args.threads)
+        cfg = pipeline.config
+        request = read_request(args, pipeline.modalities, cfg["frame_num"], cfg["vision"]["image_size"])
+        start = time.perf_counter()
+        answer = pipeline.answer([request], num_beams=args.beams, max_new_tokens=args.max_new_tokens)[0]
+        source = pipeline.artifacts.manifest["source"]
+        note = ", random preset weights" if "preset" in source else ""
+        _print_answer(args.question, answer, time.perf_counter() - start, f"ONNX Runtime{note}")
+        return
+    import torch
+
+    from reference.model import CremaInputs
+    model = load_model(args)
+    cfg = model.cfg
+    request = read_request(args, list(cfg.modality_names), cfg.frame_num, cfg.vision.image_size)
+    batch = lambda x: None if x is None else torch.from_numpy(x)[None]  # noqa: E731
+    inputs = CremaInputs([request.question], {m: batch(x) for m, x in request.frames.items()},
+                         batch(request.audio), batch(request.pc_feat), batch(request.pc_coords))
+    start = time.perf_counter()
+    overrides = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
+    answer = model.generate(inputs, **overrides)[0]
     note = f", preset {args.preset!r}: seeded random weights, not a trained model" if args.preset else ""
-    print(f"({time.perf_counter() - start:.2f} s, PyTorch reference{note})", file=sys.stderr)
+    _print_answer(args.question, answer, time.perf_counter() - start, f"PyTorch reference{note}")
+
+
+def cmd_export(args) -> None:
+    from export.onnx_export import export_artifacts
+    model = load_model(args)
+    if args.preset:
+        source = {"preset": args.preset, "seed": args.seed}
+    elif args.checkpoint:
+        source = {"checkpoint": str(args.checkpoint.resolve())}
+    else:
+        source = {k: str(Path(v).resolve()) for k, v in (("blip2_dir", args.blip2_dir), ("crema_ckpt", args.crema_ckpt),
+                                                         ("beats_ckpt", args.beats_ckpt)) if v}
+    out = export_artifacts(model, args.out, source, progress=not args.quiet)
+    print(f"wrote {out}")
+
+
+def cmd_parity(args) -> None:
+    from export.parity import format_report, parity_report, write_report
+    report = parity_report(args.artifacts)
+    print(format_report(report))
+    json_path = args.json or Path(args.artifacts) / "parity.json"
+    write_report(report, json_path)
+    print(f"(table written to {json_path})", file=sys.stderr)
+    if not report["ok"]:
+        raise SystemExit(1)
 
 
 def cmd_checkpoint(args) -> None:
@@ -164,15 +216,30 @@ def cmd_checkpoint(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    import shutil
+
     from crema.demo import write_clip
+    from export.onnx_export import export_artifacts
+    from reference.config import preset
+    from reference.weights import preset_model
+    from runtime.pipeline import Pipeline, Request
+    from runtime.video import read_video
+
     clip = write_clip(args.out / "clip.mp4")
     print(f"wrote {clip}")
-    args.video, args.visual, args.fbank, args.pc_feat, args.pc_coords = clip, [], None, None, None
-    args.checkpoint = args.blip2_dir = None
-    args.modalities = args.task = args.downstream = args.frame_num = None
+    artifacts = args.out / "artifacts"
+    shutil.rmtree(artifacts, ignore_errors=True)  # always from the current code
+    model = preset_model(preset(args.preset), seed=args.seed)
+    export_artifacts(model, artifacts, {"preset": args.preset, "seed": args.seed})
+    print(f"exported {artifacts}")
+    pipeline = Pipeline(artifacts)
+    cfg = pipeline.config
+    frames = read_video(clip, cfg["frame_num"], cfg["vision"]["image_size"])
     for question in args.questions:
-        args.question = question
-        cmd_run(args)
+        start = time.perf_counter()
+        answer = pipeline.answer([Request(question, frames={"rgb": frames})])[0]
+        _print_answer(question, answer, time.perf_counter() - start,
+                      f"ONNX Runtime, preset {args.preset!r}: seeded random weights, not a trained model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, dest="frame_num")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("run", help="answer one question in process (PyTorch reference)")
+    p = sub.add_parser("run", help="answer one question in process: ONNX Runtime (--artifacts) or the PyTorch reference")
     _model_args(p)
+    p.add_argument("--artifacts", type=Path, help="an artifact directory from `crema export` (runs without torch)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--beams", type=int, help="override the number of beams (oeqa)")
+    p.add_argument("--max-new-tokens", type=int, help="override the answer length limit")
     p.add_argument("--question", required=True)
     p.add_argument("--video", type=Path, help="the rgb video file")
     p.add_argument("--visual", action="append", default=[], metavar="MODALITY=FILE",
@@ -198,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pc-feat", type=Path, help="3D: point features .npy [points, feature_dim]")
     p.add_argument("--pc-coords", type=Path, help="3D: voxel coordinates .npy [points, 3]")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="export every stage to ONNX: an artifact directory with manifest and tokenizer")
+    _model_args(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("parity", help="compare an artifact directory with the PyTorch reference, stage by stage")
+    p.add_argument("--artifacts", type=Path, required=True)
+    p.add_argument("--json", type=Path, help="where to write the report (default: ARTIFACTS/parity.json)")
+    p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("checkpoint", help="write a preset's weights, config and tokenizer as a checkpoint directory")
     _model_args(p)
@@ -217,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         args.questions = ["What color is the ball?", "Where does the ball move?"]
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # our errors name the problem: no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # our errors name the problem: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

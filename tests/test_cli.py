@@ -16,7 +16,7 @@ def crema(*args, check=True):
 
 def test_help_lists_subcommands():
     out = crema("--help").stdout
-    for sub in ("info", "run", "checkpoint", "demo"):
+    for sub in ("info", "run", "export", "parity", "checkpoint", "demo"):
         assert sub in out
 
 
@@ -64,3 +64,18 @@ def test_checkpoint_then_run(tmp_path):
 def test_demo(tmp_path):
     out = crema("demo", "--out", str(tmp_path)).stdout
     assert out.count("answer:") == 2 and (tmp_path / "clip.mp4").stat().st_size > 0
+    assert (tmp_path / "artifacts" / "manifest.json").is_file()
+
+
+def test_export_parity_run(tmp_path):
+    art = tmp_path / "art"
+    out = crema("export", "--preset", "tiny", "--out", str(art), "--quiet").stdout
+    assert "wrote" in out and (art / "manifest.json").is_file()
+    report = crema("parity", "--artifacts", str(art)).stdout
+    assert "parity: PASS" in report and "decoder_step" in report and (art / "parity.json").is_file()
+    clip = write_clip(tmp_path / "clip.mp4")
+    ort_answer = crema("run", "--artifacts", str(art), "--video", str(clip), "--question", "What?").stdout
+    ref_answer = crema("run", "--preset", "tiny", "--video", str(clip), "--question", "What?").stdout
+    assert ort_answer == ref_answer
+    proc = crema("run", "--artifacts", str(tmp_path), "--video", str(clip), "--question", "What?", check=False)
+    assert proc.returncode == 2 and "manifest.json: missing" in proc.stderr
