@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnx.external_data_helper import set_external_data, uses_external_data
 from tqdm import tqdm
 
 from reference.model import Crema
@@ -46,15 +47,46 @@ def sample_inputs(spec: StageSpec, cfg: dict, seed: int = 0) -> tuple[torch.Tens
 
 
 def export_stage(model: Crema, spec: StageSpec, path: Path) -> None:
+    """Trace one stage to `path`; a graph over 2 GB gets its weights in one `path.data` file."""
     module = stage_module(model, spec.name).eval()
     cfg = model.cfg.to_dict()
     dynamic = {t.name: t.dynamic_axes for t in spec.inputs + spec.outputs if t.dynamic_axes}
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about python values are expected here
-        torch.onnx.export(module, sample_inputs(spec, cfg), str(path), input_names=spec.input_names,
-                          output_names=spec.output_names, dynamic_axes=dynamic, opset_version=OPSET,
-                          do_constant_folding=True, dynamo=False)
-    onnx.checker.check_model(str(path))  # by path: works for graphs with external data (> 2 GB)
+    scratch = path.parent / f".{spec.name}"  # the exporter may write one file per weight: keep them apart
+    scratch.mkdir()
+    try:
+        traced = scratch / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python values are expected here
+            torch.onnx.export(module, sample_inputs(spec, cfg), str(traced), input_names=spec.input_names,
+                              output_names=spec.output_names, dynamic_axes=dynamic, opset_version=OPSET,
+                              do_constant_folding=True, dynamo=False)
+        if len(list(scratch.iterdir())) == 1:  # weights inside the graph file
+            traced.rename(path)
+        else:
+            consolidate_external_data(traced, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    onnx.checker.check_model(str(path))  # by path: works for graphs with external data
+
+
+def consolidate_external_data(src: Path, dest: Path) -> None:
+    """Rewrite a graph whose weights lie in many files as `dest` + one `dest.data`, streaming.
+
+    Reads one tensor at a time, so a graph larger than memory can be rewritten.
+    """
+    graph = onnx.load(str(src), load_external_data=False)
+    data_name = dest.name + ".data"
+    with open(dest.parent / data_name, "wb") as out:
+        for tensor in (t for t in graph.graph.initializer if uses_external_data(t)):
+            info = {e.key: e.value for e in tensor.external_data}
+            with open(src.parent / info["location"], "rb") as f:
+                f.seek(int(info.get("offset", 0)))
+                blob = f.read(int(info["length"])) if "length" in info else f.read()
+            out.seek((out.tell() + 4095) // 4096 * 4096)  # page-aligned, so ORT can map it
+            offset = out.tell()
+            out.write(blob)
+            set_external_data(tensor, data_name, offset=offset, length=len(blob))
+    onnx.save(graph, str(dest))
 
 
 def versions() -> dict:

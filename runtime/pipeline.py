@@ -107,11 +107,20 @@ class OrtStepModel:
 
 
 class Pipeline:
-    def __init__(self, artifacts: str | Path, threads: int | None = None, providers: list | None = None):
+    """memory_arena: ORT's CPU arena keeps freed activations for reuse; off by default, it lowered
+    peak RSS of a bench-preset request from 4.66 to 4.24 GiB at the same speed.
+    threads: ORT intra-op threads (default: one per core)."""
+
+    def __init__(self, artifacts: str | Path, threads: int | None = None, providers: list | None = None,
+                 memory_arena: bool = False, spin: bool = True):
         self.artifacts = Artifacts(artifacts)
         self.config = self.artifacts.config
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_cpu_mem_arena = memory_arena
+        # spin: idle ORT threads busy-wait for the next op (lower latency); turn off when another
+        # thread pool (torch's, in a benchmark) shares the cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if threads:
             options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]

@@ -79,3 +79,8 @@ def test_export_parity_run(tmp_path):
     assert ort_answer == ref_answer
     proc = crema("run", "--artifacts", str(tmp_path), "--video", str(clip), "--question", "What?", check=False)
     assert proc.returncode == 2 and "manifest.json: missing" in proc.stderr
+    code = ("import sys; from crema.cli import main; "
+            f"main(['run', '--artifacts', {str(art)!r}, '--video', {str(clip)!r}, '--question', 'What?']); "
+            "assert 'torch' not in sys.modules, 'crema run --artifacts imported torch'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

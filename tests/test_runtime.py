@@ -127,3 +127,26 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="not empty"):
         export_artifacts(model, tmp_path / "full", {}, progress=False)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_external_data_is_consolidated_into_one_file(exported, tmp_path):
+    """Graphs over 2 GB come out of the exporter with one file per weight; we keep one .data file."""
+    import onnx
+
+    from export.onnx_export import consolidate_external_data
+    _, art = exported
+    graph = onnx.load(str(art / "mmqa_rgb.onnx"))
+    split = tmp_path / "split"
+    split.mkdir()
+    onnx.save(graph, str(split / "mmqa_rgb.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+              size_threshold=0)
+    assert len(list(split.iterdir())) > 10
+    dest = tmp_path / "mmqa_rgb.onnx"
+    consolidate_external_data(split / "mmqa_rgb.onnx", dest)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["mmqa_rgb.onnx", "mmqa_rgb.onnx.data"]
+    onnx.checker.check_model(str(dest))
+    import onnxruntime as ort
+    feed = {"features": np.random.default_rng(0).standard_normal((3, 17, 48)).astype(np.float32)}
+    a = ort.InferenceSession(str(art / "mmqa_rgb.onnx")).run(None, feed)[0]
+    b = ort.InferenceSession(str(dest)).run(None, feed)[0]
+    np.testing.assert_array_equal(a, b)
