@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx.external_data_helper import set_external_data, uses_external_data
+from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
 from reference.model import Crema
@@ -85,7 +85,9 @@ def consolidate_external_data(src: Path, dest: Path) -> None:
             out.seek((out.tell() + 4095) // 4096 * 4096)  # page-aligned, so ORT can map it
             offset = out.tell()
             out.write(blob)
-            set_external_data(tensor, data_name, offset=offset, length=len(blob))
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", offset), ("length", len(blob))):
+                tensor.external_data.add(key=key, value=str(value))
     onnx.save(graph, str(dest))
 
 
