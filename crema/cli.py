@@ -118,34 +118,13 @@ def parameter_table(model) -> list[tuple[str, int]]:
 
 # --- run ---------------------------------------------------------------------------------------
 
-def read_request(args, modalities: list[str], frame_num: int, image_size: int):
-    """CLI files -> runtime.pipeline.Request (numpy): videos decoded with OpenCV, .npy loaded."""
-    import numpy as np
+def read_request(args, config: dict):
+    """CLI files -> runtime.pipeline.Request (numpy), each modality extracted as runtime/inputs.py says."""
+    from runtime.inputs import request_from_files
 
-    from runtime.pipeline import Request
-    from runtime.video import read_video
-
-    visual = dict(item.split("=", 1) for item in args.visual)
-    if args.video:
-        visual.setdefault("rgb", str(args.video))
-    for m in visual:
-        if m not in modalities:
-            raise ValueError(f"--visual {m}=...: modality {m!r} is not configured ({'_'.join(modalities)})")
-    request = Request(args.question)
-    for m in modalities:
-        if m in ("rgb", "depth", "flow", "norm"):
-            if m not in visual:
-                raise ValueError(f"modality {m!r} is configured: give --video (rgb) or --visual {m}=FILE")
-            path = Path(visual[m])
-            request.frames[m] = (np.load(path).astype(np.float32) if path.suffix == ".npy"
-                                 else read_video(path, frame_num, image_size))
-    if args.fbank:
-        request.audio = np.load(args.fbank).astype(np.float32)
-    if args.pc_feat:
-        request.pc_feat = np.load(args.pc_feat).astype(np.float32)
-    if args.pc_coords:
-        request.pc_coords = np.load(args.pc_coords).astype(np.int64)
-    return request
+    frames = dict(item.split("=", 1) for item in args.visual)
+    return request_from_files(config, args.question, video=args.video, depth=args.depth,
+                              depth_model=args.depth_model, audio=args.audio, pc=args.pc, frames=frames)
 
 
 def _print_answer(question: str, answer, seconds: float, how: str) -> None:
@@ -160,8 +139,7 @@ def cmd_run(args) -> None:
     if args.artifacts:  # the ONNX Runtime pipeline: torch is never imported
         from runtime.pipeline import Pipeline
         pipeline = Pipeline(args.artifacts, threads=args.threads, memory_arena=not args.low_memory)
-        cfg = pipeline.config
-        request = read_request(args, pipeline.modalities, cfg["frame_num"], cfg["vision"]["image_size"])
+        request = read_request(args, pipeline.config)
         start = time.perf_counter()
         answer = pipeline.answer([request], num_beams=args.beams, max_new_tokens=args.max_new_tokens)[0]
         source = pipeline.artifacts.manifest["source"]
@@ -172,8 +150,7 @@ def cmd_run(args) -> None:
 
     from reference.model import CremaInputs
     model = load_model(args)
-    cfg = model.cfg
-    request = read_request(args, list(cfg.modality_names), cfg.frame_num, cfg.vision.image_size)
+    request = read_request(args, model.cfg.to_dict())
     batch = lambda x: None if x is None else torch.from_numpy(x)[None]  # noqa: E731
     inputs = CremaInputs([request.question], {m: batch(x) for m, x in request.frames.items()},
                          batch(request.audio), batch(request.pc_feat), batch(request.pc_coords))
@@ -263,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beams", type=int, help="override the number of beams (oeqa)")
     p.add_argument("--max-new-tokens", type=int, help="override the answer length limit")
     p.add_argument("--question", required=True)
-    p.add_argument("--video", type=Path, help="the rgb video file")
-    p.add_argument("--visual", action="append", default=[], metavar="MODALITY=FILE",
-                   help="another visual modality as a video rendered like it, or pre-extracted frames "
-                        "(.npy [T, 3, H, W], normalised); repeatable")
-    p.add_argument("--fbank", type=Path, help="audio: normalised fbank clips .npy [clips, frames, 128]")
-    p.add_argument("--pc-feat", type=Path, help="3D: point features .npy [points, feature_dim]")
-    p.add_argument("--pc-coords", type=Path, help="3D: voxel coordinates .npy [points, 3]")
+    p.add_argument("--video", type=Path, help="the video file (rgb frames; optical flow is computed from it)")
+    p.add_argument("--depth", type=Path, help="depth maps: .npy [T, H, W] or [H, W], 16-bit PNG, or a folder "
+                                              "of them (depth, and normals computed from it)")
+    p.add_argument("--depth-model", type=Path, help="an ONNX monocular depth model to run on the frames instead")
+    p.add_argument("--audio", type=Path, help="a sound file (WAV, FLAC, OGG), resampled to 16 kHz mono")
+    p.add_argument("--pc", type=Path, help="3D: .npz with 'feat' [points, feature_dim] and 'coords' [points, 3]")
+    p.add_argument("--visual", action="append", default=[], metavar="MODALITY=FILE.npy",
+                   help="pre-extracted, normalised frames [T, 3, S, S] of a visual modality; repeatable")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("export", help="export every stage to ONNX: an artifact directory with manifest and tokenizer")

@@ -51,24 +51,38 @@ def _frame_count(cap: cv2.VideoCapture) -> int:
     return n
 
 
-def decode_frames(path: str | Path, n_frames: int) -> np.ndarray:
-    """n uniformly sampled RGB frames [n, H, W, 3] uint8 from a video file."""
-    path = Path(path)
+def _open(path: Path) -> cv2.VideoCapture:
     if not path.is_file():
         raise VideoError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file")
     cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        cap.release()
+        raise VideoError(f"{path}: not a video OpenCV can decode")
+    return cap
+
+
+def frame_count(path: str | Path) -> int:
+    cap = _open(Path(path))
     try:
-        if not cap.isOpened():
-            raise VideoError(f"{path}: not a video OpenCV can decode")
         total = _frame_count(cap)
-        if total <= 0:
-            raise VideoError(f"{path}: the video has no frames")
-        wanted = uniform_indices(total, n_frames)
-        frames: dict[int, np.ndarray] = {}
+    finally:
+        cap.release()
+    if total <= 0:
+        raise VideoError(f"{path}: the video has no frames")
+    return total
+
+
+def decode_indices(path: str | Path, indices: list[int]) -> np.ndarray:
+    """RGB frames [len(indices), H, W, 3] uint8 at the given frame indices (repeats allowed)."""
+    path = Path(path)
+    cap = _open(path)
+    wanted = set(indices)
+    frames: dict[int, np.ndarray] = {}
+    try:
         index = 0
-        while index <= max(wanted):
+        while index <= max(indices):
             if not cap.grab():
                 break
             if index in wanted:
@@ -83,7 +97,20 @@ def decode_frames(path: str | Path, n_frames: int) -> np.ndarray:
         raise VideoError(f"{path}: no frame could be decoded (truncated or corrupt)")
     # A truncated file may end before its recorded length: reuse the last decoded frame.
     last = frames[max(frames)]
-    return np.stack([frames.get(i, last) for i in wanted])
+    return np.stack([frames.get(i, last) for i in indices])
+
+
+def decode_frames(path: str | Path, n_frames: int) -> np.ndarray:
+    """n uniformly sampled RGB frames [n, H, W, 3] uint8 from a video file."""
+    return decode_indices(path, uniform_indices(frame_count(path), n_frames))
+
+
+def decode_with_successors(path: str | Path, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n sampled frames and the frame after each (the last frame pairs with itself)."""
+    total = frame_count(path)
+    picked = uniform_indices(total, n_frames)
+    both = decode_indices(path, picked + [min(i + 1, total - 1) for i in picked])
+    return both[:n_frames], both[n_frames:]
 
 
 def read_video(source: str | Path | bytes, n_frames: int, image_size: int) -> np.ndarray:

@@ -75,6 +75,7 @@ def test_export_parity_run(tmp_path):
     assert "parity: PASS" in report and "decoder_step" in report and (art / "parity.json").is_file()
     clip = write_clip(tmp_path / "clip.mp4")
     ort_answer = crema("run", "--artifacts", str(art), "--video", str(clip), "--question", "What?").stdout
+    assert "answer:" in ort_answer
     ref_answer = crema("run", "--preset", "tiny", "--video", str(clip), "--question", "What?").stdout
     assert ort_answer == ref_answer
     proc = crema("run", "--artifacts", str(tmp_path), "--video", str(clip), "--question", "What?", check=False)
@@ -84,3 +85,24 @@ def test_export_parity_run(tmp_path):
             "assert 'torch' not in sys.modules, 'crema run --artifacts imported torch'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_raw_inputs_for_every_modality(tmp_path):
+    """video + depth maps + a WAV file: flow, depth, normals and fbank computed; ORT equals the reference."""
+    import io
+
+    import soundfile
+    clip = write_clip(tmp_path / "clip.mp4", frames=12, size=64)
+    np.save(tmp_path / "depth.npy", np.random.default_rng(0).random((12, 64, 64), dtype=np.float32))
+    buf = io.BytesIO()
+    soundfile.write(buf, np.random.default_rng(1).uniform(-0.5, 0.5, 22050).astype(np.float32), 22050, format="WAV")
+    (tmp_path / "a.wav").write_bytes(buf.getvalue())
+    mods = ["--modalities", "rgb_depth_flow_norm_audio"]
+    crema("export", "--preset", "tiny", *mods, "--out", str(tmp_path / "art"), "--quiet")
+    raw = ["--video", str(clip), "--depth", str(tmp_path / "depth.npy"), "--audio", str(tmp_path / "a.wav"),
+           "--question", "Which is nearer?"]
+    ort_answer = crema("run", "--artifacts", str(tmp_path / "art"), *raw).stdout
+    ref_answer = crema("run", "--preset", "tiny", *mods, *raw).stdout
+    assert "answer:" in ort_answer and ort_answer == ref_answer
+    proc = crema("run", "--artifacts", str(tmp_path / "art"), "--video", str(clip), "--question", "Q?", check=False)
+    assert proc.returncode == 2 and "depth: give depth maps or a depth model" in proc.stderr
