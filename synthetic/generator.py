@@ -1,0 +1,202 @@
+"""Synthetic multimodal video QA, deterministic by seed: real files that the raw-input path reads.
+
+Each clip (a folder) holds `clip.mp4` (a shape moving over a grey wall, two still squares),
+`depth.npy` [frames, H, W] (ground-truth depth: the wall is a tilted plane, the squares sit at
+different depths), `audio.wav` (16 kHz soundtrack) and `pc.npz` (3D point features of an object
+and their voxel coordinates). Every question type needs one modality:
+
+  colour    rgb    What color is the moving shape?            red | green | blue | yellow | purple
+  motion    flow   Which way does the shape move?             left | right | up | down | still
+  nearer    depth  Which square is nearer, the X or the Y one?   the nearer square's colour
+  facing    norm   Which way does the wall face?              left | right | up | down | front
+  sound     audio  What sound do you hear?                    beep | tone | music | noise | quiet
+  shape3d   pc     What shape is the 3D object?               sphere | cube | star | triangle | box
+
+The two squares have the same size and colour brightness, so only depth tells which is nearer; the
+wall is drawn flat grey, so only its normals tell where it faces. Questions come as oeqa (answer
+word) and mcqa (five options A-E, answer letter).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import soundfile
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 40), "blue": (40, 70, 220), "yellow": (220, 200, 40),
+           "purple": (150, 50, 200)}
+MOTIONS = ("left", "right", "up", "down", "still")
+FACINGS = ("left", "right", "up", "down", "front")
+SOUNDS = ("beep", "tone", "music", "noise", "quiet")
+SHAPES_3D = ("sphere", "cube", "star", "triangle", "box")
+QUESTION_TYPES = {"colour": "rgb", "motion": "flow", "nearer": "depth", "facing": "norm", "sound": "audio",
+                  "shape3d": "pc"}
+LETTERS = "ABCDE"
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class Scene:
+    colour: str          # the moving shape's colour
+    shape: str           # circle | square | triangle (drawn; not asked)
+    motion: str
+    squares: tuple       # (colour, colour) of the two still squares, left then right
+    nearer: int          # index of the nearer square
+    facing: str
+    sound: str
+    shape3d: str
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    clip: str
+    qtype: str
+    modality: str
+    question: str
+    answer: str
+    options: tuple
+    answer_letter: str
+
+    def prompt(self, form: str) -> str:
+        """oeqa: the question; mcqa: the question with its five options."""
+        if form == "oeqa":
+            return self.question
+        opts = " ".join(f"({l}) {o}" for l, o in zip(LETTERS, self.options))
+        return f"Question: {self.question} Options: {opts}. Answer:"
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    colours = list(COLOURS)
+    squares = tuple(rng.choice(colours, size=2, replace=False))
+    return Scene(colour=str(rng.choice(colours)), shape=str(rng.choice(["circle", "square", "triangle"])),
+                 motion=str(rng.choice(MOTIONS)), squares=(str(squares[0]), str(squares[1])),
+                 nearer=int(rng.integers(2)), facing=str(rng.choice(FACINGS)), sound=str(rng.choice(SOUNDS)),
+                 shape3d=str(rng.choice(SHAPES_3D)))
+
+
+def _wall_depth(facing: str, size: int) -> np.ndarray:
+    """Depth of a plane 6 units away, tilted 0.02 units per pixel away from where it faces."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = (size - 1) / 2
+    slope = {"left": (x - c), "right": -(x - c), "up": (y - c), "down": -(y - c), "front": 0 * x}[facing]
+    return 6.0 + 0.02 * slope
+
+
+def render_video(scene: Scene, frames: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """-> RGB frames [frames, size, size, 3] uint8 and depth [frames, size, size] float32."""
+    wall = _wall_depth(scene.facing, size)
+    sq, half = size // 8, size // 16
+    centres = [(size // 4, size - size // 5), (3 * size // 4, size - size // 5)]
+    square_depth = (2.0, 4.0) if scene.nearer == 0 else (4.0, 2.0)
+    start = rng.uniform(0.3, 0.7, size=2) * size
+    step = size * 0.5 / max(frames - 1, 1)
+    delta = {"left": (-step, 0), "right": (step, 0), "up": (0, -step), "down": (0, step), "still": (0, 0)}[scene.motion]
+    start = start - np.array(delta) * (frames - 1) / 2  # centred path
+    video = np.empty((frames, size, size, 3), np.uint8)
+    depth = np.empty((frames, size, size), np.float32)
+    for t in range(frames):
+        img = np.full((size, size, 3), 128, np.uint8)
+        d = wall.copy()
+        for (cx, cy), colour, z in zip(centres, scene.squares, square_depth):
+            img[cy - half:cy + half, cx - half:cx + half] = COLOURS[colour]
+            d[cy - half:cy + half, cx - half:cx + half] = z
+        x, y = (start + np.array(delta) * t).astype(int)
+        colour = COLOURS[scene.colour]
+        mask = np.zeros((size, size), np.uint8)
+        if scene.shape == "circle":
+            cv2.circle(mask, (int(x), int(y)), sq, 1, -1)
+        elif scene.shape == "square":
+            cv2.rectangle(mask, (int(x) - sq, int(y) - sq), (int(x) + sq, int(y) + sq), 1, -1)
+        else:
+            pts = np.array([[x, y - sq], [x - sq, y + sq], [x + sq, y + sq]], np.int32)
+            cv2.fillPoly(mask, [pts], 1)
+        img[mask > 0] = colour
+        d[mask > 0] = 3.0
+        video[t], depth[t] = img, d
+    return video, depth
+
+
+def render_audio(sound: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    if sound == "beep":
+        wave = 0.5 * np.sin(2 * np.pi * 1000 * t) * ((t * 4) % 1 < 0.5)
+    elif sound == "tone":
+        wave = 0.5 * np.sin(2 * np.pi * 220 * t)
+    elif sound == "music":
+        notes = np.array([262, 330, 392, 523])[(t * 4).astype(int) % 4]
+        wave = 0.3 * np.sin(2 * np.pi * notes * t) + 0.15 * np.sin(4 * np.pi * notes * t)
+    elif sound == "noise":
+        wave = 0.3 * rng.standard_normal(len(t))
+    else:
+        wave = 0.001 * rng.standard_normal(len(t))
+    return wave.astype(np.float32)
+
+
+def render_points(shape3d: str, dim: int, points: int, grid: int, rng: np.random.Generator) -> dict:
+    """3D-LLM-style point features: a per-shape prototype (fixed, seed 0) plus noise, on voxels."""
+    prototypes = np.random.default_rng(0).standard_normal((len(SHAPES_3D), dim)).astype(np.float32)
+    feat = prototypes[SHAPES_3D.index(shape3d)] + 0.5 * rng.standard_normal((points, dim)).astype(np.float32)
+    coords = rng.integers(0, grid, size=(points, 3))
+    return {"feat": feat.astype(np.float32), "coords": coords.astype(np.int64)}
+
+
+def _options(answer: str, values: tuple, rng: np.random.Generator) -> tuple:
+    others = [v for v in values if v != answer]
+    options = [answer] + list(rng.choice(others, size=4, replace=False))
+    rng.shuffle(options)
+    return tuple(str(o) for o in options)
+
+
+def questions_for(scene: Scene, clip: str, rng: np.random.Generator) -> list[Question]:
+    a, b = scene.squares
+    specs = {
+        "colour": ("What color is the moving shape?", scene.colour, tuple(COLOURS)),
+        "motion": ("Which way does the shape move?", scene.motion, MOTIONS),
+        "nearer": (f"Which square is nearer, the {a} one or the {b} one?", scene.squares[scene.nearer],
+                   tuple(COLOURS)),
+        "facing": ("Which way does the wall face?", scene.facing, FACINGS),
+        "sound": ("What sound do you hear?", scene.sound, SOUNDS),
+        "shape3d": ("What shape is the 3D object?", scene.shape3d, SHAPES_3D),
+    }
+    out = []
+    for qtype, (text, answer, values) in specs.items():
+        options = _options(answer, values, rng)
+        out.append(Question(f"{clip}-{qtype}", clip, qtype, QUESTION_TYPES[qtype], text, answer, options,
+                            LETTERS[options.index(answer)]))
+    return out
+
+
+def generate(out: str | Path, clips: int, seed: int = 0, frames: int = 16, size: int = 96,
+             audio_seconds: float = 2.0, pc_dim: int = 1408, pc_points: int = 64, pc_grid: int = 256) -> Path:
+    """Write `clips` clips and `questions.jsonl` under `out`; the same seed gives the same data."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with open(out / "questions.jsonl", "w") as f:
+        for i in range(clips):
+            clip = f"clip{i:05d}"
+            folder = out / clip
+            folder.mkdir(exist_ok=True)
+            scene = random_scene(rng)
+            video, depth = render_video(scene, frames, size, rng)
+            writer = cv2.VideoWriter(str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (size, size))
+            for frame in video:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            writer.release()
+            np.save(folder / "depth.npy", depth)
+            soundfile.write(folder / "audio.wav", render_audio(scene.sound, audio_seconds, rng), SAMPLE_RATE,
+                            subtype="PCM_16")
+            np.savez(folder / "pc.npz", **render_points(scene.shape3d, pc_dim, pc_points, pc_grid, rng))
+            (folder / "scene.json").write_text(json.dumps(asdict(scene)))
+            for q in questions_for(scene, clip, rng):
+                f.write(json.dumps(asdict(q)) + "\n")
+    return out
+
+
+def read_questions(directory: str | Path) -> list[Question]:
+    rows = (json.loads(line) for line in open(Path(directory) / "questions.jsonl"))
+    return [Question(**{**r, "options": tuple(r["options"])}) for r in rows]
