@@ -14,7 +14,7 @@ from runtime.modalities import ModalityError
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("raw")
-    clip = write_clip(d / "clip.mp4", frames=12, size=64)
+    write_clip(d / "clip.mp4", frames=12, size=64)
     np.save(d / "depth.npy", np.random.default_rng(0).random((6, 64, 64), dtype=np.float32))
     buf = io.BytesIO()
     t = np.arange(16000) / 16000
