@@ -99,10 +99,7 @@ def stage_inputs(model, pipeline, inputs):
     for _ in range(4):  # a cache of 5 positions, as in the middle of a 10-token answer
         step_model.step(np.full(beams, 5), None)
     step = {"decoder_input_ids": np.full((beams, 1), 5), "encoder_mask": step_model.mask,
-            **dict(zip([n for n in pipeline.stages["decoder_step"].spec.input_names if n.startswith("past.")],
-                       step_model.past)),
-            **dict(zip([n for n in pipeline.stages["decoder_step"].spec.input_names if n.startswith("cross.")],
-                       step_model.cross))}
+            **dict(zip(step_model.past_names, step_model.past)), **dict(zip(step_model.cross_names, step_model.cross))}
     return {"vision": {"pixel_values": pixels}, "mmqa_rgb": {"features": feats[:rows]}, "fuse_encode": fuse,
             "decoder_step": step}
 

@@ -16,22 +16,15 @@ from reference.lora import MultiLoRALinear
 from reference.model import Crema
 
 
-class VisionStage(nn.Module):
-    def __init__(self, model: Crema):
+class EncoderStage(nn.Module):
+    """One reference encoder method as a module: vision_features or audio_features."""
+
+    def __init__(self, model: Crema, method: str):
         super().__init__()
-        self.model = model
+        self.model, self.method = model, method
 
-    def forward(self, pixel_values):
-        return self.model.vision_features(pixel_values)
-
-
-class AudioEncoderStage(nn.Module):
-    def __init__(self, model: Crema):
-        super().__init__()
-        self.model = model
-
-    def forward(self, fbank):
-        return self.model.audio_features(fbank)
+    def forward(self, x):
+        return getattr(self.model, self.method)(x)
 
 
 def merged_qformer(model: Crema, modality: str) -> nn.Module:
@@ -170,9 +163,9 @@ class DecoderStepStage(_T5DecoderStep):
 def stage_module(model: Crema, name: str) -> nn.Module:
     """The torch module behind the stage called `name` in runtime.specs.stage_specs."""
     if name == "vision":
-        return VisionStage(model)
+        return EncoderStage(model, "vision_features")
     if name == "audio_encoder":
-        return AudioEncoderStage(model)
+        return EncoderStage(model, "audio_features")
     if name == "mmqa_pc":
         return MMQAPointCloudStage(model)
     if name.startswith("mmqa_"):

@@ -125,10 +125,12 @@ class Crema(nn.Module):
             self.register_buffer("pc_pos_table", sinusoid_table(cfg.pc_grid, dv // 3), persistent=False)
 
         self.qformer = Blip2QFormerModel(_hf_qformer_config(cfg))
+        self._lora: list[MultiLoRALinear] = []  # plain list: the modules are registered in the Q-Former
         for layer in self.qformer.encoder.layer:
             attn = layer.attention.attention
             attn.query = MultiLoRALinear(attn.query, names, cfg.lora_rank)
             attn.value = MultiLoRALinear(attn.value, names, cfg.lora_rank)
+            self._lora += [attn.query, attn.value]
 
         for m in names:
             self.register_parameter(f"query_tokens_{m}", nn.Parameter(torch.zeros(1, cfg.num_query_token, dq)))
@@ -157,20 +159,16 @@ class Crema(nn.Module):
         ids, mask = self.tokenizer.encode(texts, max_len=self.cfg.max_txt_len, add_eos=False)
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
-    def lora_modules(self) -> list[MultiLoRALinear]:
-        return [m for m in self.qformer.modules() if isinstance(m, MultiLoRALinear)]
-
     @contextlib.contextmanager
     def adapter(self, modality: str):
         """Run the Q-Former with `modality`'s LoRA (or none for `m-skip`)."""
         active = None if self.cfg.skips_lora(modality) else modality
-        modules = self.lora_modules()
-        for m in modules:
+        for m in self._lora:
             m.active = active
         try:
             yield
         finally:
-            for m in modules:
+            for m in self._lora:
                 m.active = None
 
     # --- stages ------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ class OrtStepModel:
     def __init__(self, first: Stage, step: Stage, hidden: np.ndarray, mask: np.ndarray):
         self._first, self._step = first, step
         self.hidden, self.mask = hidden, mask
+        self.past_names = [n for n in step.spec.input_names if n.startswith("past.")]
+        self.cross_names = [n for n in step.spec.input_names if n.startswith("cross.")]
+        self.present_names = [n for n in step.spec.output_names if n.startswith("present.")]
         self.past: list[np.ndarray] = []
         self.cross: list[np.ndarray] = []
 
@@ -85,9 +88,8 @@ class OrtStepModel:
         b = self.hidden.shape[0]
         out = self._first(decoder_input_ids=np.zeros((b, 1), np.int64), encoder_hidden=self.hidden,
                           encoder_mask=self.mask)
-        names = self._first.spec.output_names
-        self.past = [out[n] for n in names if n.startswith("present.")]
-        self.cross = [out[n] for n in names if n.startswith("cross.")]
+        self.past = [out[n] for n in self.present_names]  # decoder_first names them as decoder_step does
+        self.cross = [out[n] for n in self.cross_names]
         return out["logits"]
 
     def expand(self, n: int) -> None:
@@ -98,11 +100,9 @@ class OrtStepModel:
     def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
         if reorder is not None:  # beams only move within their request: cross K/V stay as they are
             self.past = [x[reorder] for x in self.past]
-        names = self._step.spec.input_names
-        feed = dict(zip([n for n in names if n.startswith("past.")], self.past))
-        feed.update(zip([n for n in names if n.startswith("cross.")], self.cross))
+        feed = {**dict(zip(self.past_names, self.past)), **dict(zip(self.cross_names, self.cross))}
         out = self._step(decoder_input_ids=tokens.reshape(-1, 1).astype(np.int64), encoder_mask=self.mask, **feed)
-        self.past = [out[n] for n in self._step.spec.output_names if n.startswith("present.")]
+        self.past = [out[n] for n in self.present_names]
         return out["logits"]
 
 
