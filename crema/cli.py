@@ -1,4 +1,4 @@
-"""`crema <subcommand>`: info, run, checkpoint, demo. Heavy packages load inside each command."""
+"""`crema <subcommand>`: info, run, export, parity, checkpoint, demo, train-demo. Heavy packages load inside each command."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,8 @@ from pathlib import Path
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--preset", help="tiny | bench | flant5xl: preset shapes, seeded random weights")
+    src.add_argument("--preset", help="demo: the trained demo model; tiny | bench | flant5xl: preset shapes, "
+                                      "seeded random weights")
     src.add_argument("--checkpoint", type=Path, help="a directory written by `crema checkpoint`")
     src.add_argument("--blip2-dir", type=Path, help="HF BLIP-2 FlanT5 directory (safetensors + tokenizer.json)")
     src.add_argument("--crema-ckpt", type=Path, help="CREMA LAVIS checkpoint (.pth), with --blip2-dir")
@@ -49,6 +50,8 @@ def load_model(args):
     sources = [s for s in (args.preset, args.checkpoint, args.blip2_dir) if s]
     if len(sources) != 1:
         raise SystemExit("error: give exactly one of --preset, --checkpoint, --blip2-dir")
+    if args.preset == "demo":
+        return weights.demo_model(**_overrides(args))
     if args.preset:
         return weights.preset_model(_config(args), seed=args.seed)
     if args.checkpoint:
@@ -138,13 +141,13 @@ def _print_answer(question: str, answer, seconds: float, how: str) -> None:
 def cmd_run(args) -> None:
     if args.artifacts:  # the ONNX Runtime pipeline: torch is never imported
         from runtime.pipeline import Pipeline
-        pipeline = Pipeline(args.artifacts, threads=args.threads, memory_arena=not args.low_memory)
+        pipeline = Pipeline(args.artifacts, threads=args.threads, memory_arena=not args.low_memory,
+                            precision=args.precision)
         request = read_request(args, pipeline.config)
         start = time.perf_counter()
         answer = pipeline.answer([request], num_beams=args.beams, max_new_tokens=args.max_new_tokens)[0]
-        source = pipeline.artifacts.manifest["source"]
-        note = ", random preset weights" if "preset" in source else ""
-        _print_answer(args.question, answer, time.perf_counter() - start, f"ONNX Runtime{note}")
+        note = ", random preset weights" if _random_weights(pipeline.artifacts.manifest["source"]) else ""
+        _print_answer(args.question, answer, time.perf_counter() - start, f"ONNX Runtime {args.precision}{note}")
         return
     import torch
 
@@ -157,14 +160,20 @@ def cmd_run(args) -> None:
     start = time.perf_counter()
     overrides = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
     answer = model.generate(inputs, **overrides)[0]
-    note = f", preset {args.preset!r}: seeded random weights, not a trained model" if args.preset else ""
+    note = f", preset {args.preset!r}: seeded random weights, not a trained model" if _random_weights(vars(args)) else ""
     _print_answer(args.question, answer, time.perf_counter() - start, f"PyTorch reference{note}")
+
+
+def _random_weights(source: dict) -> bool:
+    return bool(source.get("preset")) and source["preset"] != "demo"
 
 
 def cmd_export(args) -> None:
     from export.onnx_export import export_artifacts
     model = load_model(args)
-    if args.preset:
+    if args.preset == "demo":
+        source = {"preset": "demo", "checkpoint": "reference/demo (trained by crema train-demo)"}
+    elif args.preset:
         source = {"preset": args.preset, "seed": args.seed}
     elif args.checkpoint:
         source = {"checkpoint": str(args.checkpoint.resolve())}
@@ -193,30 +202,49 @@ def cmd_checkpoint(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    import shutil
+    from crema.demo import run_demo
+    run_demo(args.out, clips=args.clips)
 
-    from crema.demo import write_clip
-    from export.onnx_export import export_artifacts
-    from reference.config import preset
-    from reference.weights import preset_model
-    from runtime.pipeline import Pipeline, Request
-    from runtime.video import read_video
 
-    clip = write_clip(args.out / "clip.mp4")
-    print(f"wrote {clip}")
-    artifacts = args.out / "artifacts"
-    shutil.rmtree(artifacts, ignore_errors=True)  # always from the current code
-    model = preset_model(preset(args.preset), seed=args.seed)
-    export_artifacts(model, artifacts, {"preset": args.preset, "seed": args.seed})
-    print(f"exported {artifacts}")
-    pipeline = Pipeline(artifacts)
-    cfg = pipeline.config
-    frames = read_video(clip, cfg["frame_num"], cfg["vision"]["image_size"])
-    for question in args.questions:
-        start = time.perf_counter()
-        answer = pipeline.answer([Request(question, frames={"rgb": frames})])[0]
-        _print_answer(question, answer, time.perf_counter() - start,
-                      f"ONNX Runtime, preset {args.preset!r}: seeded random weights, not a trained model")
+def cmd_calibrate(args) -> None:
+    from calibration.calibrate import calibrate, format_report
+    from calibration.quantize import KEEP_FP32
+    report = calibrate(args.artifacts, data=args.data, method=args.method, questions=args.questions,
+                       eval_questions=args.eval_questions, dynamic=tuple(args.dynamic),
+                       keep_fp32=KEEP_FP32 + tuple(args.keep_fp32))
+    print(format_report(report))
+    print(f"(report: {Path(args.artifacts) / 'int8' / 'fidelity.json'})", file=sys.stderr)
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
+def cmd_build_trt(args) -> None:
+    from calibration.tensorrt import TensorRTUnavailable, build_engines
+    try:
+        build_engines(args.artifacts, args.precision)
+    except TensorRTUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(3)
+
+
+def cmd_train_demo(args) -> None:
+    import json
+
+    from reference.weights import DEMO_CHECKPOINT
+    from training.demo import TrainSettings, metrics_table, train_demo
+    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in TrainSettings.__dataclass_fields__
+                                and v is not None})
+    metrics = train_demo(args.out, settings, work=args.work)
+    print(metrics_table(metrics))
+    shipped = DEMO_CHECKPOINT / "metrics.json"
+    if shipped.is_file() and Path(args.out).resolve() != DEMO_CHECKPOINT:
+        ref = json.loads(shipped.read_text())
+        same = ref["settings"] == metrics["settings"]
+        diff = 100 * (metrics["accuracy"]["overall"] - ref["accuracy"]["overall"])
+        print(f"shipped weights (reference/demo): overall {100 * ref['accuracy']['overall']:.1f}%; this run "
+              f"{100 * metrics['accuracy']['overall']:.1f}% ({diff:+.1f} points"
+              f"{'' if same else ', different settings'})")
+    print(f"wrote {args.out} (checkpoint + metrics.json); `crema run --checkpoint {args.out}` uses it")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--low-memory", action="store_true",
                    help="no ORT memory arena: lower peak memory, about 8%% slower vision stage")
+    p.add_argument("--precision", choices=["fp32", "int8", "mixed"], default="fp32",
+                   help="with --artifacts: INT8 graphs from `crema calibrate` (mixed: only the stages it chose)")
     p.add_argument("--beams", type=int, help="override the number of beams (oeqa)")
     p.add_argument("--max-new-tokens", type=int, help="override the answer length limit")
     p.add_argument("--question", required=True)
@@ -266,17 +296,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_checkpoint)
 
-    p = sub.add_parser("demo", help="generate a clip and answer questions about it")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="generate a new synthetic clip, answer its questions with the trained demo "
+                                    "model through ONNX Runtime, print answers and ground truth")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.add_argument("--question", dest="questions", action="append",
-                   default=None, help="repeatable; default: two questions about the clip")
+    p.add_argument("--clips", type=int, default=1, help="how many clips to generate and ask about")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("calibrate", help="INT8 graphs for every stage (ORT static QDQ / dynamic), TensorRT "
+                                         "calibration tables, and the fidelity report vs FP32")
+    p.add_argument("--artifacts", type=Path, required=True, help="an artifact directory from `crema export`")
+    p.add_argument("--data", type=Path, help="calibration clips + questions.jsonl (calibration/data.py); "
+                                            "default: synthetic clips, seed 2")
+    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    p.add_argument("--questions", type=int, default=120, help="calibration questions")
+    p.add_argument("--eval-questions", type=int, default=300, help="questions for the fidelity report (seed 1)")
+    p.add_argument("--dynamic", action="append", default=[], metavar="STAGE",
+                   help="quantize this stage dynamically instead of static QDQ; repeatable")
+    p.add_argument("--keep-fp32", action="append", default=[], metavar="NAME",
+                   help="keep nodes whose name contains NAME in FP32 (T5's DenseReluDense/wo always is); repeatable")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("build-trt", help="TensorRT engines from the ONNX graphs (NVIDIA GPU; profiles from the "
+                                         "stage specs, INT8 ranges from `crema calibrate`)")
+    p.add_argument("--artifacts", type=Path, required=True)
+    p.add_argument("--precision", choices=["fp16", "int8"], default="fp16")
+    p.set_defaults(func=cmd_build_trt)
+
+    p = sub.add_parser("train-demo", help="train the demo preset on the synthetic task (CPU, deterministic, "
+                                          "~14 min on 2 cores) and report held-out accuracy and the ablation")
+    p.add_argument("--out", type=Path, default=Path("out/train-demo"), help="checkpoint directory to write")
+    p.add_argument("--work", type=Path, help="where to generate the data (default: OUT/data)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--train-clips", type=int)
+    p.add_argument("--test-clips", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_train_demo)
+
     args = parser.parse_args(argv)
-    if getattr(args, "questions", "unset") is None:
-        args.questions = ["What color is the ball?", "Where does the ball move?"]
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # our errors name the problem: no traceback

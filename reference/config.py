@@ -240,13 +240,29 @@ def _bench() -> CremaConfig:
     )
 
 
+def _demo() -> CremaConfig:
+    # Trained on the synthetic task (`crema train-demo`); weights ship in reference/demo/.
+    return CremaConfig(
+        vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128),
+        qformer=QFormerConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
+        t5=T5Config(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    vocab_size=512, relative_attention_num_buckets=16, relative_attention_max_distance=64),
+        audio=AudioConfig(clip_frames=64, num_clips=2, embed_dim=32, encoder_layers=2, encoder_embed_dim=64,
+                          encoder_ffn_embed_dim=128, encoder_attention_heads=4, conv_pos=8, conv_pos_groups=4,
+                          num_buckets=16, max_distance=64),
+        generation=GenerationConfig(num_beams=1, max_new_tokens=4, min_length=1, length_penalty=1.0),
+        modalities=("rgb", "depth", "flow", "norm", "audio", "pc"), task="espresso_concat", frame_num=1,
+        num_query_token=8, lora_rank=8, max_txt_len=32, pc_grid=64,
+    )
+
+
 def _flant5xl() -> CremaConfig:
     return CremaConfig(modalities=("rgb", "depth", "flow", "norm"),
                        generation=GenerationConfig(num_beams=5, max_new_tokens=10, min_length=1,
                                                    length_penalty=-1.0))
 
 
-PRESETS = {"tiny": _tiny, "bench": _bench, "flant5xl": _flant5xl}
+PRESETS = {"tiny": _tiny, "demo": _demo, "bench": _bench, "flant5xl": _flant5xl}
 
 
 def preset(name: str, **overrides) -> CremaConfig:

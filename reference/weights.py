@@ -352,3 +352,14 @@ def load_pretrained(blip2_dir: str | Path, crema_ckpt: str | Path | None = None,
 def preset_model(cfg: CremaConfig, seed: int = 0) -> Crema:
     """A preset-shaped model with non-degenerate random weights and the preset tokenizer."""
     return init_random(Crema(cfg, TextTokenizer.preset()), seed=seed)
+
+
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
+
+
+def demo_model(**config_overrides) -> Crema:
+    """The `demo` preset's trained weights, shipped in reference/demo/ (written by `crema train-demo`)."""
+    if not (DEMO_CHECKPOINT / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{DEMO_CHECKPOINT}: the demo weights are missing; `crema train-demo --out "
+                              f"{DEMO_CHECKPOINT}` recreates them")
+    return load_checkpoint(DEMO_CHECKPOINT, **config_overrides)

@@ -1,8 +1,9 @@
 """Artifact directories (DESIGN rule 5): graphs + manifest.json + tokenizer.json, verified on load.
 
-manifest.json: {"format", "config", "source", "precision", "stages": [names], "files": {name: sha256},
-"answer_ids", "versions"}. The stage specs are rebuilt from "config" (runtime/specs.py), so the
-manifest cannot disagree with the code that reads it.
+manifest.json: {"format", "config", "source", "precision", "stages": [names], "files": {path: sha256},
+"answer_ids", "versions"} and, once `crema calibrate` ran, "int8": {"method", "stages": {stage:
+{"file", "mode", ...}}, "mixed": [stages that run INT8 under --precision mixed]}. The stage specs are
+rebuilt from "config" (runtime/specs.py), so the manifest cannot disagree with the code that reads it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .specs import StageSpec, stage_specs
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 FORMAT = 1
+PRECISIONS = ("fp32", "int8", "mixed")
 
 
 class ArtifactError(ValueError):
@@ -29,14 +31,29 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def hash_files(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` but the manifest, by relative POSIX path."""
+    return {p.relative_to(directory).as_posix(): sha256(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")}
+
+
 def write_manifest(directory: Path, config: dict, source: dict, precision: str, answer_ids: list[int],
                    versions: dict) -> dict:
     """Hash every file in `directory` and write the manifest (call last, before the atomic rename)."""
-    files = {p.name: sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
     manifest = {"format": FORMAT, "config": config, "source": source, "precision": precision,
-                "stages": list(stage_specs(config)), "files": files, "answer_ids": answer_ids,
+                "stages": list(stage_specs(config)), "files": hash_files(directory), "answer_ids": answer_ids,
                 "versions": versions}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def update_manifest(directory: Path, **fields) -> dict:
+    """Add fields (e.g. "int8") and rehash; the old manifest is replaced atomically."""
+    path = Path(directory) / MANIFEST
+    manifest = {**json.loads(path.read_text()), **fields, "files": hash_files(Path(directory))}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(path)
     return manifest
 
 
@@ -74,7 +91,16 @@ class Artifacts:
             if sha256(file) != digest:
                 raise ArtifactError(f"{file}: sha256 does not match {MANIFEST} (corrupt or modified)")
 
-    def path(self, stage: str) -> Path:
+    def path(self, stage: str, precision: str = "fp32") -> Path:
+        """The graph a stage runs at `precision`: int8 where calibrated (mixed: where the calibration
+        chose it), FP32 otherwise."""
+        if precision not in PRECISIONS:
+            raise ArtifactError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        int8 = self.manifest.get("int8")
+        if precision != "fp32" and int8 is None:
+            raise ArtifactError(f"{self.dir}: no INT8 graphs (run `crema calibrate --artifacts {self.dir}`)")
+        if precision == "int8" and stage in int8["stages"] or precision == "mixed" and stage in int8["mixed"]:
+            return self.dir / int8["stages"][stage]["file"]
         return self.dir / self.specs[stage].file
 
     @property

@@ -6,8 +6,12 @@ runtime accepts such pre-extracted frames and computes what it can online:
   optical_flow(prev, next)   RGB frames [H, W, 3] uint8 -> flow [H, W, 2] float32 (dx, dy) in pixels,
                              OpenCV DIS (medium preset) on grey levels
   flow_to_rgb(flow)          -> [H, W, 3] uint8 with the Middlebury colour wheel (hue = direction,
-                             saturation = magnitude / max magnitude), as RAFT/UniMatch visualise flow
-  depth_to_rgb(depth)        depth [H, W] -> [H, W, 3] uint8 grey, min-max normalised per frame
+                             saturation = magnitude / max magnitude), as RAFT/UniMatch visualise flow;
+                             the max is floored at 1 pixel so a still scene's sub-pixel noise stays
+                             white instead of being stretched to full colour
+  depth_to_rgb(depth)        depth [H, W] -> [H, W, 3] uint8 grey: inverse depth, min-max normalised
+                             per frame, near = bright (as MiDaS/ZoeDepth visualise depth: nearby
+                             objects stand out, a distant wall's slope is compressed)
   normals_from_depth(depth)  depth [H, W] -> unit normals [H, W, 3] by central differences.
                              Camera assumption: orthographic, one depth unit = one pixel (scale with
                              `pixel_size`); normals point towards the camera (+z).
@@ -49,10 +53,10 @@ def _colour_wheel() -> np.ndarray:
 WHEEL = _colour_wheel()
 
 
-def flow_to_rgb(flow: np.ndarray) -> np.ndarray:
+def flow_to_rgb(flow: np.ndarray, min_scale: float = 1.0) -> np.ndarray:
     u, v = flow[..., 0], flow[..., 1]
     radius = np.sqrt(u ** 2 + v ** 2)
-    radius = radius / max(float(radius.max()), 1e-6)
+    radius = radius / max(float(radius.max()), min_scale)
     angle = np.arctan2(-v, -u) / np.pi  # in [-1, 1]; rightward flow -> +-1 -> red
     position = (angle + 1) / 2 * (len(WHEEL) - 1)
     k0 = np.floor(position).astype(int)
@@ -92,8 +96,10 @@ def read_depth(path: str | Path) -> np.ndarray:
 
 
 def depth_to_rgb(depth: np.ndarray) -> np.ndarray:
-    lo, hi = float(depth.min()), float(depth.max())
-    grey = np.zeros_like(depth) if hi <= lo else (depth - lo) / (hi - lo)
+    far = float(depth.max())
+    inverse = 1.0 / np.maximum(depth, max(far, 1e-6) * 1e-3)  # zero/negative (invalid) depth: nearest valid
+    lo, hi = float(inverse.min()), float(inverse.max())
+    grey = np.zeros_like(inverse) if hi <= lo else (inverse - lo) / (hi - lo)
     return np.repeat((grey * 255).round().astype(np.uint8)[..., None], 3, axis=2)
 
 

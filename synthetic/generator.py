@@ -7,13 +7,15 @@ and their voxel coordinates). Every question type needs one modality:
 
   colour    rgb    What color is the moving shape?            red | green | blue | yellow | purple
   motion    flow   Which way does the shape move?             left | right | up | down | still
-  nearer    depth  Which square is nearer, the X or the Y one?   the nearer square's colour
+  nearer    depth  Which square is nearer, the left or the right one?   left | right
   facing    norm   Which way does the wall face?              left | right | up | down | front
   sound     audio  What sound do you hear?                    beep | tone | music | noise | quiet
   shape3d   pc     What shape is the 3D object?               sphere | cube | star | triangle | box
 
-The two squares have the same size and colour brightness, so only depth tells which is nearer; the
-wall is drawn flat grey, so only its normals tell where it faces. Questions come as oeqa (answer
+The two squares have the same size and random colours, so only depth tells which is nearer; the
+wall is drawn flat grey, so only its normals tell where it faces. Depth is in pixel units (the
+orthographic camera of runtime/modalities.normals_from_depth): the wall is tilted 0.8 depth units
+per pixel, about 39 degrees, away from where it faces. Questions come as oeqa (answer
 word) and mcqa (five options A-E, answer letter).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 40), "blue": (40, 70, 220), 
            "purple": (150, 50, 200)}
 MOTIONS = ("left", "right", "up", "down", "still")
 FACINGS = ("left", "right", "up", "down", "front")
+SIDES = ("left", "right", "both", "neither", "middle")  # the answer is one of the first two
 SOUNDS = ("beep", "tone", "music", "noise", "quiet")
 SHAPES_3D = ("sphere", "cube", "star", "triangle", "box")
 QUESTION_TYPES = {"colour": "rgb", "motion": "flow", "nearer": "depth", "facing": "norm", "sound": "audio",
@@ -79,20 +82,21 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 
 def _wall_depth(facing: str, size: int) -> np.ndarray:
-    """Depth of a plane 6 units away, tilted 0.02 units per pixel away from where it faces."""
+    """Depth of a plane `size` pixels away, tilted 0.8 pixels per pixel away from where it faces."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
     c = (size - 1) / 2
     slope = {"left": (x - c), "right": -(x - c), "up": (y - c), "down": -(y - c), "front": 0 * x}[facing]
-    return 6.0 + 0.02 * slope
+    return size + 0.8 * slope
 
 
 def render_video(scene: Scene, frames: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """-> RGB frames [frames, size, size, 3] uint8 and depth [frames, size, size] float32."""
     wall = _wall_depth(scene.facing, size)
-    sq, half = size // 8, size // 16
-    centres = [(size // 4, size - size // 5), (3 * size // 4, size - size // 5)]
-    square_depth = (2.0, 4.0) if scene.nearer == 0 else (4.0, 2.0)
-    start = rng.uniform(0.3, 0.7, size=2) * size
+    sq, half = size // 8, size // 8
+    centres = [(size // 4, size - half - 2), (3 * size // 4, size - half - 2)]
+    square_depth = (0.1 * size, 0.6 * size) if scene.nearer == 0 else (0.6 * size, 0.1 * size)
+    # the moving shape stays above the squares: x in [0.3, 0.7], y in [0.2, 0.35] of the frame, +-0.25 moving
+    start = rng.uniform((0.3, 0.2), (0.7, 0.35)) * size
     step = size * 0.5 / max(frames - 1, 1)
     delta = {"left": (-step, 0), "right": (step, 0), "up": (0, -step), "down": (0, step), "still": (0, 0)}[scene.motion]
     start = start - np.array(delta) * (frames - 1) / 2  # centred path
@@ -115,7 +119,7 @@ def render_video(scene: Scene, frames: int, size: int, rng: np.random.Generator)
             pts = np.array([[x, y - sq], [x - sq, y + sq], [x + sq, y + sq]], np.int32)
             cv2.fillPoly(mask, [pts], 1)
         img[mask > 0] = colour
-        d[mask > 0] = 3.0
+        d[mask > 0] = 0.3 * size
         video[t], depth[t] = img, d
     return video, depth
 
@@ -152,12 +156,10 @@ def _options(answer: str, values: tuple, rng: np.random.Generator) -> tuple:
 
 
 def questions_for(scene: Scene, clip: str, rng: np.random.Generator) -> list[Question]:
-    a, b = scene.squares
     specs = {
         "colour": ("What color is the moving shape?", scene.colour, tuple(COLOURS)),
         "motion": ("Which way does the shape move?", scene.motion, MOTIONS),
-        "nearer": (f"Which square is nearer, the {a} one or the {b} one?", scene.squares[scene.nearer],
-                   tuple(COLOURS)),
+        "nearer": ("Which square is nearer, the left or the right one?", SIDES[scene.nearer], SIDES),
         "facing": ("Which way does the wall face?", scene.facing, FACINGS),
         "sound": ("What sound do you hear?", scene.sound, SOUNDS),
         "shape3d": ("What shape is the 3D object?", scene.shape3d, SHAPES_3D),

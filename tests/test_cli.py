@@ -62,8 +62,11 @@ def test_checkpoint_then_run(tmp_path):
 
 
 def test_demo(tmp_path):
+    """The demo model through ONNX Runtime on a new clip: six questions, answers printed with the truth."""
     out = crema("demo", "--out", str(tmp_path)).stdout
-    assert out.count("answer:") == 2 and (tmp_path / "clip.mp4").stat().st_size > 0
+    rows = [line for line in out.splitlines() if line.endswith(" ms)")]
+    assert len(rows) == 6 and all(r.split()[-3] in ("correct", "WRONG") for r in rows) and "/6 correct" in out
+    assert (tmp_path / "clips" / "clip00000" / "clip.mp4").stat().st_size > 0
     assert (tmp_path / "artifacts" / "manifest.json").is_file()
 
 

@@ -30,6 +30,8 @@ def test_flow_colour_wheel_directions():
     np.testing.assert_array_equal(flow_to_rgb(right)[0, 0], [255, 0, 0])  # rightward flow is red
     still = np.zeros((4, 4, 2), np.float32)
     assert (flow_to_rgb(still) == 255).all()  # no motion is white
+    noise = np.random.default_rng(0).normal(0, 0.05, (4, 4, 2)).astype(np.float32)
+    assert flow_to_rgb(noise).min() > 200  # sub-pixel noise is not stretched to full colour
     left = -right
     assert tuple(flow_to_rgb(left)[0, 0]) != (255, 0, 0) and len(WHEEL) == 55
     frames = np.stack([_texture(), _texture(seed=1)])
@@ -54,8 +56,10 @@ def test_depth_files_and_rendering(tmp_path):
     cv2.imwrite(str(tmp_path / "d.png"), (depth * 1000).astype(np.uint16))
     np.testing.assert_allclose(read_depth(tmp_path / "d.npy"), depth)
     np.testing.assert_allclose(read_depth(tmp_path / "d.png") / 1000, depth, atol=1e-3)
-    rgb = depth_to_rgb(depth)
-    assert rgb.shape == (30, 40, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    rgb = depth_to_rgb(depth + 1)
+    assert rgb.shape == (30, 40, 3) and rgb[0, 0, 0] == 255 and rgb[-1, -1, 0] == 0  # near is bright
+    assert rgb[15, 20, 0] < 255 * 0.5  # inverse depth: the middle distance is darker than halfway
+    assert depth_to_rgb(depth)[0, 0, 0] == 255  # zero depth (invalid) does not divide by zero
     bad = depth.copy()
     bad[0, 0] = np.nan
     np.save(tmp_path / "nan.npy", bad)

@@ -1,0 +1,1 @@
+"""INT8 calibration: stage inputs from real data, ORT static/dynamic quantization, TensorRT tables, fidelity."""

@@ -1,0 +1,83 @@
+"""Calibration and evaluation data: questions about clips on disk -> runtime Requests -> stage feeds.
+
+A data folder is what synthetic.generate writes (and any folder laid out the same way):
+`questions.jsonl` (one JSON object per line with at least "clip", "question", "answer", "qtype") and
+one folder per clip holding `clip.mp4` and, as the configuration needs them, `depth.npy`,
+`audio.wav`, `pc.npz`. By default calibration generates synthetic clips with seed 2 and the
+fidelity report evaluates on seed-1 clips: neither was seen by `crema train-demo` (seed 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from runtime.inputs import request_from_files
+from runtime.modalities import ModalityError
+from runtime.pipeline import Pipeline, Request
+
+CALIBRATION_SEED, EVALUATION_SEED = 2, 1
+
+
+class CalibrationDataError(ValueError):
+    """Calibration data that cannot be read or is too small; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    request: Request
+    answer: str
+    qtype: str
+
+
+def synthetic_data(out: Path, clips: int, seed: int, config: dict) -> Path:
+    from synthetic.generator import generate
+    from training.demo import TrainSettings
+    s = TrainSettings()
+    return generate(out, clips=clips, seed=seed, frames=s.video_frames, size=s.video_size,
+                    pc_dim=config["vision"]["hidden_size"], pc_points=s.pc_points, pc_grid=config["pc_grid"])
+
+
+def read_items(directory: str | Path, config: dict, limit: int | None = None) -> list[Item]:
+    """Every question of the folder (up to `limit`), its clip's inputs extracted once per clip."""
+    directory = Path(directory)
+    index = directory / "questions.jsonl"
+    if not index.is_file():
+        raise CalibrationDataError(f"{directory}: no questions.jsonl (see calibration/data.py for the layout)")
+    rows = []
+    for n, line in enumerate(index.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            rows.append((row["clip"], row["question"], row.get("answer", ""), row.get("qtype", "")))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CalibrationDataError(f"{index}:{n}: not a question record ({e})") from e
+    rows = rows[:limit]
+    base: dict[str, Request] = {}
+    items = []
+    for clip, question, answer, qtype in tqdm(rows, desc="read calibration data", unit="question", leave=False):
+        if clip not in base:
+            folder = directory / clip
+            files = {k: folder / f for k, f in (("video", "clip.mp4"), ("depth", "depth.npy"), ("audio", "audio.wav"),
+                                                ("pc", "pc.npz")) if (folder / f).exists()}
+            try:
+                base[clip] = request_from_files(config, "", **files)
+            except (ModalityError, ValueError) as e:
+                raise CalibrationDataError(f"{folder}: cannot read its inputs: {e}") from e
+        items.append(Item(dataclasses.replace(base[clip], question=question), answer, qtype))
+    return items
+
+
+def collect_feeds(pipeline: Pipeline, items: list[Item], batch: int = 6) -> dict[str, list[dict]]:
+    """Run the pipeline over `items` and record every stage's inputs (decoder steps included)."""
+    taps = {name: [] for name in pipeline.stages}
+    for name, stage in pipeline.stages.items():
+        stage.tap = taps[name]
+    try:
+        for start in tqdm(range(0, len(items), batch), desc="collect stage inputs", unit="batch", leave=False):
+            pipeline.answer([it.request for it in items[start:start + batch]])
+    finally:
+        for stage in pipeline.stages.values():
+            stage.tap = None
+    return taps

@@ -1,0 +1,55 @@
+"""`crema train-demo` is deterministic, and the shipped demo model answers new clips through the runtime."""
+import json
+
+import numpy as np
+import pytest
+
+from reference.weights import DEMO_CHECKPOINT, demo_model, load_checkpoint
+from runtime.inputs import request_from_files
+from runtime.pipeline import Pipeline
+from synthetic.generator import generate, read_questions
+from training.demo import TrainSettings, metrics_table, train_demo
+
+TINY_RUN = TrainSettings(train_clips=8, test_clips=4, steps=6, clip_batch=4, warmup=2)
+
+
+def test_training_is_deterministic(tmp_path):
+    a = train_demo(tmp_path / "a", TINY_RUN, work=tmp_path / "data_a", log=lambda *_: None)
+    b = train_demo(tmp_path / "b", TINY_RUN, work=tmp_path / "data_b", log=lambda *_: None)
+    assert a["ablation"] == b["ablation"] and a["final_loss"] == b["final_loss"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert set(a["ablation"]) == {"all", "rgb only"} | {f"without {m}" for m in
+                                                        ("rgb", "depth", "flow", "norm", "audio", "pc")}
+    assert "| rgb only |" in metrics_table(a)
+    load_checkpoint(tmp_path / "a")  # a checkpoint `crema run --checkpoint` reads
+
+
+def test_shipped_weights_fit_the_budget():
+    size = (DEMO_CHECKPOINT / "model.safetensors").stat().st_size
+    assert size <= 20 * 2 ** 20 and (DEMO_CHECKPOINT / "tokenizer.json").is_file()
+    metrics = json.loads((DEMO_CHECKPOINT / "metrics.json").read_text())
+    assert metrics["accuracy"]["overall"] >= 0.8  # goal 0.9: not reached yet (docs/demo-model.md)
+
+
+@pytest.fixture(scope="module")
+def demo_artifacts(tmp_path_factory):
+    from export.onnx_export import export_artifacts
+    out = tmp_path_factory.mktemp("demo") / "artifacts"
+    export_artifacts(demo_model(), out, {"preset": "demo"}, progress=False)
+    return out
+
+
+def test_demo_model_answers_new_clips_through_the_runtime(demo_artifacts, tmp_path):
+    """Clips the model never saw (seed 1), raw files -> ORT: accuracy near the shipped held-out figure."""
+    s = TrainSettings()
+    pipeline = Pipeline(demo_artifacts)
+    cfg = pipeline.config
+    data = generate(tmp_path, clips=10, seed=1, frames=s.video_frames, size=s.video_size,
+                    pc_dim=cfg["vision"]["hidden_size"], pc_points=s.pc_points, pc_grid=cfg["pc_grid"])
+    questions = read_questions(data)
+    requests = [request_from_files(cfg, q.question, video=data / q.clip / "clip.mp4", depth=data / q.clip / "depth.npy",
+                                   audio=data / q.clip / "audio.wav", pc=data / q.clip / "pc.npz") for q in questions]
+    answers = pipeline.answer(requests)
+    accuracy = np.mean([a.text == q.answer for a, q in zip(answers, questions)])
+    shipped = json.loads((DEMO_CHECKPOINT / "metrics.json").read_text())["accuracy"]["overall"]
+    assert accuracy >= shipped - 0.1, (accuracy, shipped)
