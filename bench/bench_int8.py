@@ -42,7 +42,7 @@ def main() -> None:
     if not (art / "manifest.json").is_file():
         shutil.rmtree(art, ignore_errors=True)
         export_artifacts(preset_model(preset("bench")), art, {"preset": "bench", "seed": 0})
-    report = calibrate(art, questions=12, eval_questions=6)  # speed, not fidelity: random weights
+    report = calibrate(art, questions=8, eval_questions=2, max_feeds=3)  # speed, not fidelity: random weights
     a = Artifacts(art)
     fp32, int8 = Pipeline(art, spin=False), Pipeline(art, precision="int8", spin=False)
     items = read_items(synthetic_data(args.work / "eval", 1, EVALUATION_SEED, a.config), a.config, 1)

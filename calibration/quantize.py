@@ -73,6 +73,8 @@ def quantize_stage(src: Path, dst: Path, feeds: list[dict], mode: str, method: s
             if mode == "static":
                 if not feeds:
                     raise QuantizationError(f"{src.name}: no calibration inputs recorded for this stage")
+                # not CalibMaxIntermediateOutputs: in ORT 1.32 it drops each full chunk without folding
+                # its ranges in (calibrate.py collect_data), so only the last partial chunk would count
                 extra = {"CalibPercentile": 99.99} if method == "percentile" else {}
                 quantize_static(str(pre), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=list(ops), per_channel=True, activation_type=QuantType.QUInt8,
