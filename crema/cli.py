@@ -142,7 +142,7 @@ def cmd_run(args) -> None:
     if args.artifacts:  # the ONNX Runtime pipeline: torch is never imported
         from runtime.pipeline import Pipeline
         pipeline = Pipeline(args.artifacts, threads=args.threads, memory_arena=not args.low_memory,
-                            precision=args.precision)
+                            precision=args.precision, providers=args.provider)
         request = read_request(args, pipeline.config)
         start = time.perf_counter()
         answer = pipeline.answer([request], num_beams=args.beams, max_new_tokens=args.max_new_tokens)[0]
@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="no ORT memory arena: lower peak memory, about 8%% slower vision stage")
     p.add_argument("--precision", choices=["fp32", "int8", "mixed"], default="fp32",
                    help="with --artifacts: INT8 graphs from `crema calibrate` (mixed: only the stages it chose)")
+    p.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"],
+                   help="with --artifacts: ONNX Runtime execution providers in priority order (repeatable; "
+                        "default cpu; cuda/tensorrt need onnxruntime-gpu and a GPU)")
     p.add_argument("--beams", type=int, help="override the number of beams (oeqa)")
     p.add_argument("--max-new-tokens", type=int, help="override the answer length limit")
     p.add_argument("--question", required=True)

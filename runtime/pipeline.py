@@ -113,6 +113,7 @@ class Pipeline:
     """threads: ORT intra-op threads (default: one per core).
     precision: fp32 | int8 (every calibrated stage) | mixed (the stages calibration chose), see
     runtime/artifacts.py.
+    providers: "cpu", "cuda", "tensorrt" (or ORT provider names) in priority order; CPU is the fallback.
     memory_arena: ORT's CPU arena keeps freed activations for reuse. Measured on the bench preset:
     off, the vision stage ran 8% slower (6.71 s vs 6.21 s) and the peak RSS of a request fell from
     4.6 to 4.2 GiB. On by default (latency); off for memory-bound hosts (`crema run --low-memory`)."""
@@ -129,7 +130,7 @@ class Pipeline:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         if threads:
             options.intra_op_num_threads = threads
-        providers = providers or ["CPUExecutionProvider"]
+        providers = execution_providers(providers or ["cpu"])
         self.precision = precision
         self.stages = {name: Stage(spec, self.artifacts.path(name, precision), options, providers)
                        for name, spec in self.artifacts.specs.items()}
@@ -243,6 +244,24 @@ class Pipeline:
             tokens = decoding.beam_search(model, g["num_beams"], g["max_new_tokens"], g["min_length"],
                                           g["length_penalty"])
         return [Answer(self.tokenizer.decode(ids) or "unanswerable", ids) for ids in tokens]
+
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def execution_providers(names: list[str]) -> list[str]:
+    """["tensorrt", "cuda"] -> ORT provider names in priority order, CPU always last as the fallback;
+    a provider this onnxruntime build lacks is an error that names what it has."""
+    available = ort.get_available_providers()
+    out = []
+    for name in names:
+        full = PROVIDERS.get(name.lower(), name)
+        if full not in available:
+            raise ArtifactError(f"execution provider {name!r} ({full}) is not in this onnxruntime build "
+                                f"(available: {', '.join(available)}; CUDA/TensorRT need onnxruntime-gpu)")
+        if full not in out:
+            out.append(full)
+    return [p for p in out if p != "CPUExecutionProvider"] + ["CPUExecutionProvider"]
 
 
 def _finite(x: np.ndarray, name: str) -> None:

@@ -114,3 +114,14 @@ def test_calibration_methods_on_planted_outliers():
     # the outliers cost accuracy: some method loses fidelity it had on clean weights
     assert min(r["outliers"][m]["cosine"] for m in ("minmax", "entropy", "percentile")) < \
         min(r["clean"][m]["cosine"] for m in ("minmax", "entropy", "percentile"))
+
+
+def test_execution_providers(fp32_artifacts):
+    import onnxruntime as ort
+    from runtime.pipeline import execution_providers
+    assert execution_providers(["cpu"]) == ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(ArtifactError, match="onnxruntime-gpu"):
+            Pipeline(fp32_artifacts, providers=["cuda"])
+    else:
+        assert execution_providers(["cuda"]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
