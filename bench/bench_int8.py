@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_pipeline import race  # noqa: E402
+from bench.bench_pipeline import exported, race  # noqa: E402
 from calibration.calibrate import _session, calibrate  # noqa: E402
-from calibration.data import EVALUATION_SEED, collect_feeds, read_items, synthetic_data  # noqa: E402
-from export.onnx_export import export_artifacts  # noqa: E402
+from calibration.data import EVALUATION_SEED, collect_feeds, read_items  # noqa: E402
 from reference.config import preset  # noqa: E402
 from reference.weights import preset_model  # noqa: E402
 from runtime.artifacts import Artifacts  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
+from training.demo import demo_data  # noqa: E402
 
 TARGETS = {"vision": 1.8, "decoder_step": 2.0, "end to end": 1.7}
 
@@ -38,14 +35,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-int8")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "int8-benchmark.md")
     args = p.parse_args()
-    art = args.work / "artifacts"
-    if not (art / "manifest.json").is_file():
-        shutil.rmtree(art, ignore_errors=True)
-        export_artifacts(preset_model(preset("bench")), art, {"preset": "bench", "seed": 0})
+    art = exported(lambda: preset_model(preset("bench")), args.work / "artifacts", {"preset": "bench", "seed": 0})
     report = calibrate(art, questions=8, eval_questions=2, max_feeds=3)  # speed, not fidelity: random weights
     a = Artifacts(art)
     fp32, int8 = Pipeline(art, spin=False), Pipeline(art, precision="int8", spin=False)
-    items = read_items(synthetic_data(args.work / "eval", 1, EVALUATION_SEED, a.config), a.config, 1)
+    items = read_items(demo_data(args.work / "eval", 1, EVALUATION_SEED, a.config), a.config, 1)
     feeds = collect_feeds(fp32, items)
     results = {}
     for stage in ("vision", "decoder_step"):

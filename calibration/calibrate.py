@@ -25,7 +25,9 @@ from tqdm import tqdm
 from runtime.artifacts import Artifacts, update_manifest
 from runtime.pipeline import Pipeline
 
-from .data import CALIBRATION_SEED, EVALUATION_SEED, CalibrationDataError, collect_feeds, read_items, synthetic_data
+from training.demo import demo_data
+
+from .data import CALIBRATION_SEED, EVALUATION_SEED, CalibrationDataError, collect_feeds, read_items
 from .quantize import DEFAULT_OPS, KEEP_FP32, QuantizationError, cosine, quantize_stage, tensorrt_table
 
 COSINE_BOUND, ACCURACY_BOUND = 0.99, 0.99
@@ -79,11 +81,11 @@ def calibrate(artifacts: str | Path, data: str | Path | None = None, method: str
         raise ValueError(f"--dynamic {', '.join(sorted(unknown))}: no such stage (stages: {', '.join(fp32.specs)})")
     work = Path(work or directory / "int8.data.tmp")
     start = time.time()
-    calib_dir = Path(data) if data else synthetic_data(work / "calibration", -(-questions // 6), CALIBRATION_SEED, config)
+    calib_dir = Path(data) if data else demo_data(work / "calibration", -(-questions // 6), CALIBRATION_SEED, config)
     calib = read_items(calib_dir, config, questions)
     if len(calib) < MIN_QUESTIONS:
         raise CalibrationDataError(f"{calib_dir}: {len(calib)} questions, calibration needs at least {MIN_QUESTIONS}")
-    evaluation = read_items(synthetic_data(work / "evaluation", -(-eval_questions // 6), EVALUATION_SEED, config),
+    evaluation = read_items(demo_data(work / "evaluation", -(-eval_questions // 6), EVALUATION_SEED, config),
                             config, eval_questions)
     pipeline = Pipeline(directory)
     log(f"calibration: {len(calib)} questions from {calib_dir}; evaluation: {len(evaluation)} questions")
@@ -113,7 +115,7 @@ def calibrate(artifacts: str | Path, data: str | Path | None = None, method: str
     staging.rename(out)
     if work.name == "int8.data.tmp":
         shutil.rmtree(work, ignore_errors=True)
-    manifest = update_manifest(directory, int8={"method": method, "stages": stages, "mixed": mixed})
+    manifest = update_manifest(directory, "int8/", int8={"method": method, "stages": stages, "mixed": mixed})
 
     report = {"method": method, "calibration": {"data": str(calib_dir), "questions": len(calib)},
               "evaluation": {"questions": len(evaluation), "seed": EVALUATION_SEED}, "stages": stages,
@@ -129,7 +131,7 @@ def calibrate(artifacts: str | Path, data: str | Path | None = None, method: str
                     and report["end_to_end"]["int8"]["relative_accuracy"] >= ACCURACY_BOUND)
     report["seconds"] = round(time.time() - start)
     (out / "fidelity.json").write_text(json.dumps(report, indent=2))
-    update_manifest(directory, int8=manifest["int8"])  # hash fidelity.json too
+    update_manifest(directory, "int8/", int8=manifest["int8"])  # hash fidelity.json too
     return report
 
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from runtime.inputs import request_from_files
 from runtime.modalities import ModalityError
 from runtime.pipeline import Pipeline, Request
+from synthetic.generator import clip_files
 
 CALIBRATION_SEED, EVALUATION_SEED = 2, 1
 
@@ -30,14 +31,6 @@ class Item:
     request: Request
     answer: str
     qtype: str
-
-
-def synthetic_data(out: Path, clips: int, seed: int, config: dict) -> Path:
-    from synthetic.generator import generate
-    from training.demo import TrainSettings
-    s = TrainSettings()
-    return generate(out, clips=clips, seed=seed, frames=s.video_frames, size=s.video_size,
-                    pc_dim=config["vision"]["hidden_size"], pc_points=s.pc_points, pc_grid=config["pc_grid"])
 
 
 def read_items(directory: str | Path, config: dict, limit: int | None = None) -> list[Item]:
@@ -59,10 +52,8 @@ def read_items(directory: str | Path, config: dict, limit: int | None = None) ->
     for clip, question, answer, qtype in tqdm(rows, desc="read calibration data", unit="question", leave=False):
         if clip not in base:
             folder = directory / clip
-            files = {k: folder / f for k, f in (("video", "clip.mp4"), ("depth", "depth.npy"), ("audio", "audio.wav"),
-                                                ("pc", "pc.npz")) if (folder / f).exists()}
             try:
-                base[clip] = request_from_files(config, "", **files)
+                base[clip] = request_from_files(config, "", **clip_files(folder))
             except (ModalityError, ValueError) as e:
                 raise CalibrationDataError(f"{folder}: cannot read its inputs: {e}") from e
         items.append(Item(dataclasses.replace(base[clip], question=question), answer, qtype))

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .data import CALIBRATION_SEED, EVALUATION_SEED, collect_feeds, read_items, synthetic_data
+from training.demo import demo_data
+
+from .data import CALIBRATION_SEED, EVALUATION_SEED, collect_feeds, read_items
 from .quantize import METHODS, quantize_stage
 from .calibrate import stage_fidelity
 
@@ -49,6 +51,11 @@ def compare_methods(calib_questions: int = 24, eval_questions: int = 24, methods
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        config = demo_model().cfg.to_dict()
+        calib = read_items(demo_data(tmp / "calib", -(-calib_questions // 6), CALIBRATION_SEED, config),
+                           config, calib_questions)
+        evaluation = read_items(demo_data(tmp / "eval", -(-eval_questions // 6), EVALUATION_SEED, config),
+                                config, eval_questions)
         for variant in ("clean", "outliers"):
             model = demo_model()
             if variant == "outliers":
@@ -56,11 +63,6 @@ def compare_methods(calib_questions: int = 24, eval_questions: int = 24, methods
             art = tmp / variant
             export_artifacts(model, art, {"preset": "demo", "variant": variant}, progress=False)
             pipeline = Pipeline(art)
-            config = pipeline.config
-            calib = read_items(synthetic_data(tmp / "calib", -(-calib_questions // 6), CALIBRATION_SEED, config),
-                               config, calib_questions)
-            evaluation = read_items(synthetic_data(tmp / "eval", -(-eval_questions // 6), EVALUATION_SEED, config),
-                                    config, eval_questions)
             feeds = collect_feeds(pipeline, calib)["vision"]
             eval_feeds = collect_feeds(pipeline, evaluation)["vision"]
             row = {}

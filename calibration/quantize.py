@@ -50,26 +50,23 @@ def preprocess(src: Path, dst: Path) -> Path:
     return dst
 
 
-def activation_products(path: Path) -> list[str]:
+def activation_products(graph: onnx.GraphProto) -> list[str]:
     """MatMul nodes neither of whose operands is a weight (initializer or constant)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
     weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
 
 
 def quantize_stage(src: Path, dst: Path, feeds: list[dict], mode: str, method: str = "minmax",
                    ops: tuple[str, ...] = DEFAULT_OPS, exclude_nodes: tuple[str, ...] = (),
-                   quantize_attention: bool = False, keep_fp32: tuple[str, ...] = KEEP_FP32) -> None:
+                   keep_fp32: tuple[str, ...] = KEEP_FP32) -> None:
     """Write the INT8 graph of `src` to `dst` (static needs `feeds`, dynamic ignores them)."""
     external = _large(src)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             pre = preprocess(src, Path(tmp) / "pre.onnx")
             graph = onnx.load(str(pre), load_external_data=False).graph
-            exclude_nodes = tuple(exclude_nodes) + tuple(n.name for n in graph.node
-                                                         if any(k in n.name for k in keep_fp32))
-            if not quantize_attention:
-                exclude_nodes += tuple(activation_products(pre))
+            exclude_nodes = (tuple(exclude_nodes) + tuple(activation_products(graph))
+                             + tuple(n.name for n in graph.node if any(k in n.name for k in keep_fp32)))
             if mode == "static":
                 if not feeds:
                     raise QuantizationError(f"{src.name}: no calibration inputs recorded for this stage")
@@ -106,7 +103,7 @@ def tensorrt_table(src: Path, out_dir: Path, feeds: list[dict], method: str = "m
             ranges = calibrator.compute_data()
         except Exception as e:
             raise QuantizationError(f"{src.name}: TensorRT calibration failed ({type(e).__name__}: {e})") from e
-    write_calibration_table({k: v for k, v in ranges.data.items()}, dir=str(out_dir))
+    write_calibration_table(dict(ranges.data), dir=str(out_dir))
     return out_dir
 
 

@@ -172,7 +172,8 @@ def cmd_export(args) -> None:
     from export.onnx_export import export_artifacts
     model = load_model(args)
     if args.preset == "demo":
-        source = {"preset": "demo", "checkpoint": "reference/demo (trained by crema train-demo)"}
+        from reference.weights import DEMO_SOURCE
+        source = DEMO_SOURCE
     elif args.preset:
         source = {"preset": args.preset, "seed": args.seed}
     elif args.checkpoint:

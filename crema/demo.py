@@ -42,19 +42,17 @@ def describe(scene: dict) -> str:
 def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED) -> int:
     """Export the demo model, answer every question of `clips` new clips; returns the number wrong."""
     from export.onnx_export import export_artifacts
-    from reference.weights import demo_model
+    from reference.weights import DEMO_SOURCE, demo_model
     from runtime.inputs import request_from_files
     from runtime.pipeline import Pipeline
-    from synthetic.generator import generate, read_questions
-    from training.demo import TrainSettings
+    from synthetic.generator import clip_files, read_questions
+    from training.demo import demo_data
 
     model = demo_model()
-    s = TrainSettings()
-    data = generate(out / "clips", clips=clips, seed=seed, frames=s.video_frames, size=s.video_size,
-                    pc_dim=model.cfg.feature_dim, pc_points=s.pc_points, pc_grid=model.cfg.pc_grid)
+    data = demo_data(out / "clips", clips, seed, model.cfg.to_dict())
     artifacts = out / "artifacts"
     shutil.rmtree(artifacts, ignore_errors=True)  # always from the current code and weights
-    export_artifacts(model, artifacts, {"preset": "demo", "checkpoint": "reference/demo"}, progress=False)
+    export_artifacts(model, artifacts, DEMO_SOURCE, progress=False)
     print(f"exported the demo model to {artifacts} (ONNX)")
     pipeline = Pipeline(artifacts)
     wrong = total = 0
@@ -63,8 +61,7 @@ def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED) -> int:
         folder = data / clip
         scene = json.loads((folder / "scene.json").read_text())
         print(f"\n{folder}: {describe(scene)}")
-        request = request_from_files(pipeline.config, "", video=folder / "clip.mp4", depth=folder / "depth.npy",
-                                     audio=folder / "audio.wav", pc=folder / "pc.npz")
+        request = request_from_files(pipeline.config, "", **clip_files(folder))
         print(f"  {'question':<52} {'answer':<9} {'truth':<9}")
         for q in (q for q in questions if q.clip == clip):
             start = time.perf_counter()

@@ -355,6 +355,7 @@ def preset_model(cfg: CremaConfig, seed: int = 0) -> Crema:
 
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
+DEMO_SOURCE = {"preset": "demo", "checkpoint": "reference/demo (trained by crema train-demo)"}  # manifest "source"
 
 
 def demo_model(**config_overrides) -> Crema:

@@ -47,10 +47,16 @@ def write_manifest(directory: Path, config: dict, source: dict, precision: str, 
     return manifest
 
 
-def update_manifest(directory: Path, **fields) -> dict:
-    """Add fields (e.g. "int8") and rehash; the old manifest is replaced atomically."""
-    path = Path(directory) / MANIFEST
-    manifest = {**json.loads(path.read_text()), **fields, "files": hash_files(Path(directory))}
+def update_manifest(directory: Path, prefix: str, **fields) -> dict:
+    """Add fields (e.g. "int8") and rehash the files under `prefix` (e.g. "int8/"), keeping every other
+    entry as it was; the old manifest is replaced atomically."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    old = json.loads(path.read_text())
+    files = {k: v for k, v in old["files"].items() if not k.startswith(prefix)}
+    if (directory / prefix).is_dir():
+        files.update({f"{prefix}{k}": v for k, v in hash_files(directory / prefix).items()})
+    manifest = {**old, **fields, "files": files}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(path)

@@ -53,7 +53,7 @@ class Stage:
     """An ONNX Runtime session bound to its spec: checks input names/shapes, returns named outputs."""
 
     def __init__(self, spec: StageSpec, path: Path, options: ort.SessionOptions, providers: list):
-        self.spec, self.path = spec, path
+        self.spec = spec
         self.tap: list[dict] | None = None  # when a list, every feed is appended (calibration data)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)

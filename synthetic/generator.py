@@ -38,6 +38,7 @@ SHAPES_3D = ("sphere", "cube", "star", "triangle", "box")
 QUESTION_TYPES = {"colour": "rgb", "motion": "flow", "nearer": "depth", "facing": "norm", "sound": "audio",
                   "shape3d": "pc"}
 LETTERS = "ABCDE"
+CLIP_FILES = {"video": "clip.mp4", "depth": "depth.npy", "audio": "audio.wav", "pc": "pc.npz"}  # request_from_files kwargs
 SAMPLE_RATE = 16000
 
 
@@ -185,18 +186,24 @@ def generate(out: str | Path, clips: int, seed: int = 0, frames: int = 16, size:
             folder.mkdir(exist_ok=True)
             scene = random_scene(rng)
             video, depth = render_video(scene, frames, size, rng)
-            writer = cv2.VideoWriter(str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (size, size))
+            writer = cv2.VideoWriter(str(folder / CLIP_FILES["video"]), cv2.VideoWriter_fourcc(*"mp4v"), 8, (size, size))
             for frame in video:
                 writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
             writer.release()
-            np.save(folder / "depth.npy", depth)
-            soundfile.write(folder / "audio.wav", render_audio(scene.sound, audio_seconds, rng), SAMPLE_RATE,
+            np.save(folder / CLIP_FILES["depth"], depth)
+            soundfile.write(folder / CLIP_FILES["audio"], render_audio(scene.sound, audio_seconds, rng), SAMPLE_RATE,
                             subtype="PCM_16")
-            np.savez(folder / "pc.npz", **render_points(scene.shape3d, pc_dim, pc_points, pc_grid, rng))
+            np.savez(folder / CLIP_FILES["pc"], **render_points(scene.shape3d, pc_dim, pc_points, pc_grid, rng))
             (folder / "scene.json").write_text(json.dumps(asdict(scene)))
             for q in questions_for(scene, clip, rng):
                 f.write(json.dumps(asdict(q)) + "\n")
     return out
+
+
+def clip_files(folder: str | Path) -> dict[str, Path]:
+    """A clip folder's files that exist, as `runtime.inputs.request_from_files` keyword arguments."""
+    folder = Path(folder)
+    return {k: folder / name for k, name in CLIP_FILES.items() if (folder / name).exists()}
 
 
 def read_questions(directory: str | Path) -> list[Question]:

@@ -57,8 +57,9 @@ def test_int8_pipeline_answers(calibrated):
     from reference.config import preset
     directory, _ = calibrated
     fp32, int8 = Pipeline(directory), Pipeline(directory, precision="int8")
-    from calibration.data import EVALUATION_SEED, read_items, synthetic_data
-    items = read_items(synthetic_data(directory.parent / "q", 1, EVALUATION_SEED, preset("demo").to_dict()),
+    from calibration.data import EVALUATION_SEED, read_items
+    from training.demo import demo_data
+    items = read_items(demo_data(directory.parent / "q", 1, EVALUATION_SEED, preset("demo").to_dict()),
                        fp32.config)
     a = [x.text for x in fp32.answer([it.request for it in items])]
     b = [x.text for x in int8.answer([it.request for it in items])]

@@ -1,5 +1,4 @@
 """The synthetic task: deterministic by seed, real files, and each answer recoverable from its modality."""
-import json
 
 import numpy as np
 import pytest
@@ -41,7 +40,6 @@ def test_questions_cover_every_modality_in_both_forms(data):
 def test_answers_are_in_the_files(data):
     """Ground truth is recoverable: the nearer square is nearer in depth, the wall faces as stated."""
     for q in read_questions(data):
-        scene = json.loads((data / q.clip / "scene.json").read_text())
         depth = np.load(data / q.clip / "depth.npy")
         if q.qtype == "nearer":
             size = depth.shape[1]

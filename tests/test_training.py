@@ -7,8 +7,8 @@ import pytest
 from reference.weights import DEMO_CHECKPOINT, demo_model, load_checkpoint
 from runtime.inputs import request_from_files
 from runtime.pipeline import Pipeline
-from synthetic.generator import generate, read_questions
-from training.demo import TrainSettings, metrics_table, train_demo
+from synthetic.generator import clip_files, read_questions
+from training.demo import TrainSettings, demo_data, metrics_table, train_demo
 
 TINY_RUN = TrainSettings(train_clips=8, test_clips=4, steps=6, clip_batch=4, warmup=2)
 
@@ -41,14 +41,11 @@ def demo_artifacts(tmp_path_factory):
 
 def test_demo_model_answers_new_clips_through_the_runtime(demo_artifacts, tmp_path):
     """Clips the model never saw (seed 1), raw files -> ORT: accuracy near the shipped held-out figure."""
-    s = TrainSettings()
     pipeline = Pipeline(demo_artifacts)
     cfg = pipeline.config
-    data = generate(tmp_path, clips=10, seed=1, frames=s.video_frames, size=s.video_size,
-                    pc_dim=cfg["vision"]["hidden_size"], pc_points=s.pc_points, pc_grid=cfg["pc_grid"])
+    data = demo_data(tmp_path, 10, 1, cfg)
     questions = read_questions(data)
-    requests = [request_from_files(cfg, q.question, video=data / q.clip / "clip.mp4", depth=data / q.clip / "depth.npy",
-                                   audio=data / q.clip / "audio.wav", pc=data / q.clip / "pc.npz") for q in questions]
+    requests = [request_from_files(cfg, q.question, **clip_files(data / q.clip)) for q in questions]
     answers = pipeline.answer(requests)
     accuracy = np.mean([a.text == q.answer for a, q in zip(answers, questions)])
     shipped = json.loads((DEMO_CHECKPOINT / "metrics.json").read_text())["accuracy"]["overall"]

@@ -27,7 +27,7 @@ from reference.config import preset
 from reference.model import Crema, CremaInputs
 from reference.weights import preset_model, save_checkpoint
 from runtime.inputs import request_from_files
-from synthetic.generator import QUESTION_TYPES, Question, generate, read_questions
+from synthetic.generator import QUESTION_TYPES, Question, clip_files, generate, read_questions
 
 MODALITIES = ("rgb", "depth", "flow", "norm", "audio", "pc")
 
@@ -55,8 +55,7 @@ class ClipSet:
     """
 
     def __init__(self, directory: Path, names: list[str], questions: list[Question], config: dict):
-        requests = [request_from_files(config, "", video=directory / n / "clip.mp4", depth=directory / n / "depth.npy",
-                                       audio=directory / n / "audio.wav", pc=directory / n / "pc.npz")
+        requests = [request_from_files(config, "", **clip_files(directory / n))
                     for n in tqdm(names, desc="extract modalities", unit="clip", leave=False)]
         stack = lambda xs: torch.from_numpy(np.stack(xs))  # noqa: E731
         self.names = names
@@ -79,6 +78,12 @@ class ClipSet:
         pick = lambda m, x: x[swap.get(m, idx)]  # noqa: E731
         return CremaInputs(questions, {m: pick(m, x) for m, x in self.frames.items()}, pick("audio", self.audio),
                            pick("pc", self.pc_feat), pick("pc", self.pc_coords))
+
+
+def demo_data(out: str | Path, clips: int, seed: int, config: dict, settings: TrainSettings = TrainSettings()) -> Path:
+    """Synthetic clips shaped as the demo task (and `config`'s 3D feature width and voxel grid)."""
+    return generate(out, clips=clips, seed=seed, frames=settings.video_frames, size=settings.video_size,
+                    pc_dim=config["vision"]["hidden_size"], pc_points=settings.pc_points, pc_grid=config["pc_grid"])
 
 
 def training_init(model: Crema, seed: int) -> Crema:
@@ -173,8 +178,7 @@ def train_demo(out: str | Path, settings: TrainSettings = TrainSettings(), work:
     start = time.time()
     cfg = preset("demo")
     n = settings.train_clips + settings.test_clips
-    data_dir = generate(work, clips=n, seed=settings.seed, frames=settings.video_frames, size=settings.video_size,
-                        pc_dim=cfg.feature_dim, pc_points=settings.pc_points, pc_grid=cfg.pc_grid)
+    data_dir = demo_data(work, n, settings.seed, cfg.to_dict(), settings)
     names = sorted(p.name for p in data_dir.iterdir() if p.is_dir())[:n]
     questions = read_questions(data_dir)
     train_set = ClipSet(data_dir, names[:settings.train_clips], questions, cfg.to_dict())

@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reference.weights import demo_model  # noqa: E402
-from synthetic.generator import generate, read_questions  # noqa: E402
-from training.demo import ClipSet, TrainSettings  # noqa: E402
+from synthetic.generator import read_questions  # noqa: E402
+from training.demo import ClipSet, demo_data  # noqa: E402
 
 
 def probe(x: torch.Tensor, labels: np.ndarray, fit: int, ridge: float = 10.0) -> float:
@@ -38,11 +38,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=300)
     args = p.parse_args()
-    model, s = demo_model(), TrainSettings()
+    model = demo_model()
     cfg = model.cfg
     with tempfile.TemporaryDirectory() as tmp:
-        data = generate(tmp, clips=args.clips, seed=5, frames=s.video_frames, size=s.video_size,
-                        pc_dim=cfg.feature_dim, pc_points=s.pc_points, pc_grid=cfg.pc_grid)
+        data = demo_data(tmp, args.clips, 5, cfg.to_dict())
         clips = ClipSet(data, sorted(p.name for p in Path(data).iterdir() if p.is_dir()), read_questions(data),
                         cfg.to_dict())
     answer = lambda t: np.array([next(q.answer for q in qs if q.qtype == t) for qs in clips.questions])  # noqa: E731
