@@ -1,4 +1,5 @@
-"""`crema <subcommand>`: info, run, export, parity, checkpoint, demo, train-demo. Heavy packages load inside each command."""
+"""`crema <subcommand>`: info, run, export, parity, checkpoint, demo, train-demo, calibrate, build-trt,
+triton-repo, serve, ask. Heavy packages load inside each command (`crema ask` loads neither torch nor ORT)."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--downstream", choices=["oeqa", "mcqa"], help="open-ended or multiple-choice QA")
     opt.add_argument("--frames", type=int, dest="frame_num", help="frames per clip (frame_num)")
     opt.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+
+
+def _raw_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--question", required=True)
+    p.add_argument("--video", type=Path, help="the video file (rgb frames; optical flow is computed from it)")
+    p.add_argument("--depth", type=Path, help="depth maps: .npy [T, H, W] or [H, W], 16-bit PNG, or a folder "
+                                              "of them (depth, and normals computed from it)")
+    p.add_argument("--audio", type=Path, help="a sound file (WAV, FLAC, OGG), resampled to 16 kHz mono")
+    p.add_argument("--pc", type=Path, help="3D: .npz with 'feat' [points, feature_dim] and 'coords' [points, 3]")
+    p.add_argument("--visual", action="append", default=[], metavar="MODALITY=FILE.npy",
+                   help="pre-extracted, normalised frames [T, 3, S, S] of a visual modality; repeatable")
 
 
 def _overrides(args) -> dict:
@@ -204,7 +216,9 @@ def cmd_checkpoint(args) -> None:
 
 def cmd_demo(args) -> None:
     from crema.demo import run_demo
-    run_demo(args.out, clips=args.clips)
+    wrong = run_demo(args.out, clips=args.clips, triton=not args.in_process, precision=args.precision)
+    if wrong and args.strict:
+        raise SystemExit(1)
 
 
 def cmd_calibrate(args) -> None:
@@ -248,6 +262,64 @@ def cmd_train_demo(args) -> None:
     print(f"wrote {args.out} (checkpoint + metrics.json); `crema run --checkpoint {args.out}` uses it")
 
 
+# --- Triton ------------------------------------------------------------------------------------
+
+def cmd_triton_repo(args) -> None:
+    from triton_models.repository import generate_repository, validate
+    repo = generate_repository(args.artifacts, args.out, flavour=args.flavour, precision=args.precision,
+                               instances=args.instances, max_input_mb=args.max_input_mb, trt_engines=args.trt_engines)
+    models = validate(repo)
+    print(f"wrote {repo}: {len(models)} models ({', '.join(sorted(models))}), flavour {args.flavour}, "
+          f"{args.precision}")
+    if args.flavour == "native":
+        print("serve it with NVIDIA's Triton container (docs/triton.md); the pip server runs --flavour python only")
+
+
+def cmd_serve(args) -> None:
+    import signal
+
+    from triton_models.server import TritonServer
+    server = TritonServer(args.repo, binary=args.tritonserver, host=args.host, http_port=args.http_port,
+                          grpc_port=args.grpc_port, metrics_port=args.metrics_port, cache_mb=args.cache_mb,
+                          log=args.log)
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
+    print(f"starting Triton on {args.repo} (log: {server.log_path or 'a temporary file'}) ...", flush=True)
+    server.start(timeout=args.timeout)
+    e = server.endpoints
+    print(f"ready: HTTP {e.http_url}  gRPC {e.grpc_url}  metrics {e.host}:{e.metrics}\n"
+          f"ask:   crema ask --url {e.http_url} --video clip.mp4 --question \"...\"   (Ctrl-C stops the server)",
+          flush=True)
+    try:
+        while not stop and server.process.poll() is None:
+            time.sleep(0.2)
+        if not stop:
+            raise SystemExit(f"error: tritonserver exited ({server.process.returncode}):\n{server.log_tail()}")
+    finally:
+        code = server.stop()
+        print(f"stopped (tritonserver exit code {code})")
+
+
+def cmd_ask(args) -> None:
+    from triton_models.client import AskError, CremaClient, tensors_from_files
+    frames = dict(item.split("=", 1) for item in args.visual)
+    tensors = tensors_from_files(args.question, video=args.video, depth=args.depth, audio=args.audio, pc=args.pc,
+                                 frames=frames, task=args.task, num_beams=args.beams,
+                                 max_new_tokens=args.max_new_tokens)
+    try:
+        with CremaClient(args.url, args.protocol, timeout_s=args.timeout) as client:
+            result = client.infer(tensors)
+    except AskError as e:
+        print(f"error: the server refused the request: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"question: {args.question}")
+    print(f"answer:   {result.answer}")
+    if result.option_scores:
+        print("scores:   " + "  ".join(f"{l}={s:.3f}" for l, s in zip("ABCDE", result.option_scores)))
+    print(f"({result.seconds * 1000:.0f} ms, Triton {args.protocol} {args.url})", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="crema", description="CREMA inference runtime: reference, export, serving.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,15 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                         "default cpu; cuda/tensorrt need onnxruntime-gpu and a GPU)")
     p.add_argument("--beams", type=int, help="override the number of beams (oeqa)")
     p.add_argument("--max-new-tokens", type=int, help="override the answer length limit")
-    p.add_argument("--question", required=True)
-    p.add_argument("--video", type=Path, help="the video file (rgb frames; optical flow is computed from it)")
-    p.add_argument("--depth", type=Path, help="depth maps: .npy [T, H, W] or [H, W], 16-bit PNG, or a folder "
-                                              "of them (depth, and normals computed from it)")
+    _raw_input_args(p)
     p.add_argument("--depth-model", type=Path, help="an ONNX monocular depth model to run on the frames instead")
-    p.add_argument("--audio", type=Path, help="a sound file (WAV, FLAC, OGG), resampled to 16 kHz mono")
-    p.add_argument("--pc", type=Path, help="3D: .npz with 'feat' [points, feature_dim] and 'coords' [points, 3]")
-    p.add_argument("--visual", action="append", default=[], metavar="MODALITY=FILE.npy",
-                   help="pre-extracted, normalised frames [T, 3, S, S] of a visual modality; repeatable")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("export", help="export every stage to ONNX: an artifact directory with manifest and tokenizer")
@@ -300,10 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_checkpoint)
 
-    p = sub.add_parser("demo", help="generate a new synthetic clip, answer its questions with the trained demo "
-                                    "model through ONNX Runtime, print answers and ground truth")
+    p = sub.add_parser("demo", help="generate a new synthetic clip, serve the trained demo model with Triton, "
+                                    "ask its questions, print answers, ground truth and latencies")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--clips", type=int, default=1, help="how many clips to generate and ask about")
+    p.add_argument("--in-process", action="store_true", help="ONNX Runtime in this process instead of a Triton server")
+    p.add_argument("--precision", choices=["fp32", "int8", "mixed"], default="fp32",
+                   help="int8/mixed: calibrate the export first (`crema calibrate`, about a minute)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when an answer is wrong")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("calibrate", help="INT8 graphs for every stage (ORT static QDQ / dynamic), TensorRT "
@@ -335,6 +404,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-clips", type=int)
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_train_demo)
+
+    p = sub.add_parser("triton-repo", help="generate a Triton model repository (ensemble, python models, "
+                                           "configs) from an artifact directory")
+    p.add_argument("--artifacts", type=Path, required=True, help="an artifact directory from `crema export`")
+    p.add_argument("--out", type=Path, required=True, help="the repository folder to write (replaced)")
+    p.add_argument("--flavour", choices=["python", "native"], default="python",
+                   help="python: every stage a python model over ONNX Runtime (the pip server, CPU); native: "
+                        "onnxruntime_onnx / tensorrt_plan models for NVIDIA's Triton containers")
+    p.add_argument("--precision", choices=["fp32", "int8", "mixed"], default="fp32",
+                   help="which graphs to serve (int8/mixed need `crema calibrate`)")
+    p.add_argument("--instances", type=int, default=1, help="instances per model")
+    p.add_argument("--max-input-mb", type=int, default=64, help="refuse requests whose inputs exceed this")
+    p.add_argument("--trt-engines", type=Path, help="native: a folder of {stage}.plan from `crema build-trt`")
+    p.set_defaults(func=cmd_triton_repo)
+
+    p = sub.add_parser("serve", help="start Triton on a repository (loopback), wait until ready, stop on Ctrl-C")
+    p.add_argument("--repo", type=Path, required=True)
+    p.add_argument("--tritonserver", type=Path, help="a tritonserver binary (default: the one in nvidia-pytriton)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--cache-mb", type=int, default=256, help="response cache size")
+    p.add_argument("--log", type=Path, help="server log file (default: a temporary file)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ask", help="ask the `crema` ensemble on a Triton server (HTTP or gRPC)")
+    p.add_argument("--url", default="127.0.0.1:8000", help="host:port (HTTP 8000, gRPC 8001 by default)")
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--task", choices=["oeqa", "mcqa"], help="default: the model's")
+    p.add_argument("--beams", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--timeout", type=float, default=300, help="seconds")
+    _raw_input_args(p)
+    p.set_defaults(func=cmd_ask)
 
     args = parser.parse_args(argv)
     try:

@@ -146,7 +146,7 @@ class Crema(nn.Module):
         lm.lm_head.weight = nn.Parameter(lm.shared.weight.detach().clone())
         lm.all_tied_weights_keys.pop("lm_head.weight", None)
         self._prefixes = {name: self._prefix(texts) for name, texts in self._prefix_texts().items()}
-        self.answer_ids = tokenizer.answer_ids(cfg.answer_num) if cfg.downstream_task == "mcqa" else []
+        self.answer_ids = tokenizer.answer_ids(cfg.answer_num)  # exported always: any model may be asked mcqa
         self.eval()
 
     # --- constants ---------------------------------------------------------------------------

@@ -10,9 +10,12 @@ norm    surface normals from the depth maps
 audio   a sound file -> fbank clips (runtime/audio.py)
 pc      a .npz with `feat` [P, Dv] and `coords` [P, 3]
 Any visual modality may also come as pre-extracted, normalised frames (.npy [T, 3, S, S]).
+A server passes what it received instead of paths: video and depth as bytes (a video file, a .npy
+or 16-bit PNG), audio as bytes, pc as (feat, coords) arrays, frames as arrays.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +62,60 @@ def _check_frame_size(name: str, maps: np.ndarray, frames: np.ndarray | None) ->
                             f"{frames.shape[1]}x{frames.shape[2]}")
 
 
+def _bytes_to_file(data: bytes, folder: str, name: str, kinds: dict[bytes, str]) -> Path:
+    """Bytes -> a file OpenCV/numpy can open; the suffix comes from the leading magic bytes."""
+    if not data:
+        raise ModalityError(f"{name}: empty")
+    suffix = next((s for magic, s in kinds.items() if data.startswith(magic)), None)
+    if suffix is None:
+        raise ModalityError(f"{name}: expected {' or '.join(kinds.values())} bytes")
+    path = Path(folder) / f"{name}{suffix}"
+    path.write_bytes(data)
+    return path
+
+
+VIDEO_BYTES = {b"": ".video"}  # any container OpenCV's backend reads
+DEPTH_BYTES = {b"\x93NUMPY": ".npy", b"\x89PNG": ".png"}
+
+
 def request_from_files(config: dict, question: str, video=None, depth=None, depth_model=None, audio=None,
                        pc=None, frames: dict | None = None) -> Request:
-    """Build the Request the configured modalities need; `frames`: modality -> pre-extracted .npy."""
+    """Build the Request the configured modalities need. Paths, or bytes/arrays as the module says."""
+    if not isinstance(video, (bytes, bytearray)) and not isinstance(depth, (bytes, bytearray)):
+        return _request(config, question, video, depth, depth_model, audio, pc, frames)
+    with tempfile.TemporaryDirectory(prefix="crema-") as tmp:
+        names = {}
+        if isinstance(video, (bytes, bytearray)):
+            names[(video := _bytes_to_file(bytes(video), tmp, "video", VIDEO_BYTES))] = "video bytes"
+        if isinstance(depth, (bytes, bytearray)):
+            names[(depth := _bytes_to_file(bytes(depth), tmp, "depth", DEPTH_BYTES))] = "depth bytes"
+        try:
+            return _request(config, question, video, depth, depth_model, audio, pc, frames)
+        except ValueError as e:  # name what the caller sent, not our temporary file
+            message = str(e)
+            for path, name in names.items():
+                message = message.replace(str(path), name)
+            raise type(e)(message) from e
+
+
+def _frames(source) -> np.ndarray:
+    x = source if isinstance(source, np.ndarray) else np.load(source, allow_pickle=False)
+    return np.asarray(x, dtype=np.float32)
+
+
+def _points(pc) -> tuple[np.ndarray, np.ndarray]:
+    """pc: a .npz path with `feat` and `coords`, or the (feat, coords) arrays."""
+    if isinstance(pc, tuple):
+        feat, coords = pc
+    else:
+        with np.load(pc, allow_pickle=False) as data:
+            if "feat" not in data or "coords" not in data:
+                raise ModalityError(f"{pc}: expected arrays 'feat' [P, D] and 'coords' [P, 3]")
+            feat, coords = data["feat"], data["coords"]
+    return np.asarray(feat, dtype=np.float32), np.asarray(coords).astype(np.int64)
+
+
+def _request(config: dict, question: str, video, depth, depth_model, audio, pc, frames) -> Request:
     names = [m.split("-")[0] for m in config["modalities"]]
     t, size = config["frame_num"], config["vision"]["image_size"]
     frames = dict(frames or {})
@@ -92,8 +146,8 @@ def request_from_files(config: dict, question: str, video=None, depth=None, dept
             images = (np.stack([depth_to_rgb(d) for d in depth_maps]) if m == "depth"
                       else np.stack([normals_to_rgb(normals_from_depth(d)) for d in depth_maps]))
         request.frames[m] = normalize_frames(images, size)
-    for m, path in frames.items():
-        request.frames[m] = np.load(path, allow_pickle=False).astype(np.float32)
+    for m, source in frames.items():
+        request.frames[m] = _frames(source)
     if "audio" in names:
         if audio is None:
             raise ModalityError("audio: the configuration needs an audio file (--audio)")
@@ -102,9 +156,5 @@ def request_from_files(config: dict, question: str, video=None, depth=None, dept
     if "pc" in names:
         if pc is None:
             raise ModalityError("pc: the configuration needs 3D features (--pc FILE.npz with feat and coords)")
-        with np.load(pc, allow_pickle=False) as data:
-            if "feat" not in data or "coords" not in data:
-                raise ModalityError(f"{pc}: expected arrays 'feat' [P, D] and 'coords' [P, 3]")
-            request.pc_feat = data["feat"].astype(np.float32)
-            request.pc_coords = data["coords"].astype(np.int64)
+        request.pc_feat, request.pc_coords = _points(pc)
     return request

@@ -122,14 +122,7 @@ class Pipeline:
                  memory_arena: bool = True, spin: bool = True, precision: str = "fp32"):
         self.artifacts = Artifacts(artifacts)
         self.config = self.artifacts.config
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_cpu_mem_arena = memory_arena
-        # spin: idle ORT threads busy-wait for the next op (lower latency); turn off when another
-        # thread pool (torch's, in a benchmark) shares the cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(threads, memory_arena, spin)
         providers = execution_providers(providers or ["cpu"])
         self.precision = precision
         self.stages = {name: Stage(spec, self.artifacts.path(name, precision), options, providers)
@@ -141,52 +134,7 @@ class Pipeline:
 
     # --- stages ----------------------------------------------------------------------------
     def check(self, requests: list[Request]) -> None:
-        if not requests:
-            raise RequestError("no request")
-        cfg = self.config
-        size, t = cfg["vision"]["image_size"], cfg["frame_num"]
-        for i, r in enumerate(requests):
-            if not isinstance(r.question, str) or not r.question.strip():
-                raise RequestError(f"requests[{i}].question: empty question")
-            for m in r.frames:
-                if m not in self.visual:
-                    raise RequestError(f"requests[{i}].frames[{m!r}]: modality not in these artifacts "
-                                       f"(exported: {', '.join(self.modalities)})")
-            for m in self.visual:
-                x = r.frames.get(m)
-                if x is None:
-                    raise RequestError(f"requests[{i}].frames[{m!r}]: missing (the artifacts need {m})")
-                if x.shape != (t, 3, size, size):
-                    raise RequestError(f"requests[{i}].frames[{m!r}]: shape {x.shape}, expected {(t, 3, size, size)}")
-                _finite(x, f"requests[{i}].frames[{m!r}]")
-            self._check_optional(i, r)
-        if "audio" in self.modalities and len({r.audio.shape[0] for r in requests}) > 1:
-            raise RequestError("audio: requests in one batch must have the same number of clips")
-
-    def _check_optional(self, i: int, r: Request) -> None:
-        cfg = self.config
-        for name, value, modality in (("audio", r.audio, "audio"), ("pc_feat", r.pc_feat, "pc"),
-                                      ("pc_coords", r.pc_coords, "pc")):
-            if value is not None and modality not in self.modalities:
-                raise RequestError(f"requests[{i}].{name}: modality {modality!r} not in these artifacts "
-                                   f"(exported: {', '.join(self.modalities)})")
-            if value is None and modality in self.modalities:
-                raise RequestError(f"requests[{i}].{name}: missing (the artifacts need {modality})")
-        a = cfg["audio"]
-        if r.audio is not None:
-            if r.audio.ndim != 3 or r.audio.shape[1:] != (a["clip_frames"], a["num_mel_bins"]) or not len(r.audio):
-                raise RequestError(f"requests[{i}].audio: shape {r.audio.shape}, expected "
-                                   f"(clips, {a['clip_frames']}, {a['num_mel_bins']})")
-            _finite(r.audio, f"requests[{i}].audio")
-        if r.pc_feat is not None:
-            dv = cfg["vision"]["hidden_size"]
-            if r.pc_feat.ndim != 2 or r.pc_feat.shape[1] != dv:
-                raise RequestError(f"requests[{i}].pc_feat: shape {r.pc_feat.shape}, expected (points, {dv})")
-            if r.pc_coords.shape != (r.pc_feat.shape[0], 3):
-                raise RequestError(f"requests[{i}].pc_coords: shape {r.pc_coords.shape}, expected ({r.pc_feat.shape[0]}, 3)")
-            if r.pc_coords.min() < 0 or r.pc_coords.max() >= cfg["pc_grid"]:
-                raise RequestError(f"requests[{i}].pc_coords: voxel coordinates must lie in [0, {cfg['pc_grid']})")
-            _finite(r.pc_feat, f"requests[{i}].pc_feat")
+        check_requests(self.config, requests)
 
     def modality_tokens(self, requests: list[Request]) -> dict[str, np.ndarray]:
         """Each modality's tokens in fuse_encode's layout (runtime.specs.modality_token_dims)."""
@@ -212,38 +160,135 @@ class Pipeline:
     def encode(self, requests: list[Request]) -> tuple[np.ndarray, np.ndarray]:
         """-> T5 encoder_hidden [B, S, d], encoder_mask [B, S]."""
         self.check(requests)
-        ids, mask = self.tokenizer.encode([r.question for r in requests])
-        tokens = self.modality_tokens(requests)
-        out = self.stages["fuse_encode"](**{f"{m}_tokens": tokens[m] for m in self.modalities},
-                                         question_ids=ids, question_mask=mask)
-        return out["encoder_hidden"], out["encoder_mask"]
+        return fuse_encode(self.stages["fuse_encode"], self.tokenizer, self.modality_tokens(requests),
+                           [r.question for r in requests])
 
     def step_model(self, hidden: np.ndarray, mask: np.ndarray) -> OrtStepModel:
         return OrtStepModel(self.stages["decoder_first"], self.stages["decoder_step"], hidden, mask)
 
     # --- answers ---------------------------------------------------------------------------
     def generation(self, **overrides) -> dict:
-        g = dict(self.config["generation"])
-        g.update({k: v for k, v in overrides.items() if v is not None})
-        if self.config["downstream_task"] == "mcqa":
-            g["num_beams"] = 1
-        return g
+        """The config's generation settings with overrides (num_beams, max_new_tokens, min_length,
+        length_penalty, task = oeqa | mcqa) applied."""
+        return generation_settings(self.config, **overrides)
 
     def answer(self, requests: list[Request], **overrides) -> list[Answer]:
-        """overrides: num_beams, max_new_tokens, min_length, length_penalty."""
-        g = self.generation(**overrides)
+        """overrides: as `generation`."""
         hidden, mask = self.encode(requests)
-        model = self.step_model(hidden, mask)
-        if self.config["downstream_task"] == "mcqa":
-            tokens, step_logits = decoding.greedy(model, g["max_new_tokens"], g["min_length"])
-            scores = decoding.mcqa_scores(tokens, step_logits, self.answer_ids)
-            return [Answer(LETTERS[int(s.argmax())], ids, [float(x) for x in s]) for ids, s in zip(tokens, scores)]
-        if g["num_beams"] == 1:
-            tokens, _ = decoding.greedy(model, g["max_new_tokens"], g["min_length"])
-        else:
-            tokens = decoding.beam_search(model, g["num_beams"], g["max_new_tokens"], g["min_length"],
-                                          g["length_penalty"])
-        return [Answer(self.tokenizer.decode(ids) or "unanswerable", ids) for ids in tokens]
+        return decode_answers(self.stages, hidden, mask, self.generation(**overrides), self.tokenizer,
+                              self.answer_ids)
+
+
+def check_requests(config: dict, requests: list[Request]) -> None:
+    """Refuse, naming the field, what the artifacts cannot answer: empty questions, missing or extra
+    modalities, wrong shapes, NaN, voxel coordinates off the grid, mixed audio clip counts."""
+    if not requests:
+        raise RequestError("no request")
+    for i, r in enumerate(requests):
+        if not isinstance(r.question, str) or not r.question.strip():
+            raise RequestError(f"requests[{i}].question: empty question")
+        check_inputs(config, r, f"requests[{i}].")
+    if "audio" in _names(config) and len({r.audio.shape[0] for r in requests}) > 1:
+        raise RequestError("audio: requests in one batch must have the same number of clips")
+
+
+def check_inputs(config: dict, r: Request, where: str = "") -> None:
+    """One request's modality inputs (not its question)."""
+    names = _names(config)
+    visual = [m for m in names if m in VISUAL]
+    size, t = config["vision"]["image_size"], config["frame_num"]
+    for m in r.frames:
+        if m not in visual:
+            raise RequestError(f"{where}frames[{m!r}]: modality not in these artifacts (exported: {', '.join(names)})")
+    for m in visual:
+        x = r.frames.get(m)
+        if x is None:
+            raise RequestError(f"{where}frames[{m!r}]: missing (the artifacts need {m})")
+        if x.shape != (t, 3, size, size):
+            raise RequestError(f"{where}frames[{m!r}]: shape {x.shape}, expected {(t, 3, size, size)}")
+        _finite(x, f"{where}frames[{m!r}]")
+    for name, value, modality in (("audio", r.audio, "audio"), ("pc_feat", r.pc_feat, "pc"),
+                                  ("pc_coords", r.pc_coords, "pc")):
+        if value is not None and modality not in names:
+            raise RequestError(f"{where}{name}: modality {modality!r} not in these artifacts "
+                               f"(exported: {', '.join(names)})")
+        if value is None and modality in names:
+            raise RequestError(f"{where}{name}: missing (the artifacts need {modality})")
+    a = config["audio"]
+    if r.audio is not None:
+        if r.audio.ndim != 3 or r.audio.shape[1:] != (a["clip_frames"], a["num_mel_bins"]) or not len(r.audio):
+            raise RequestError(f"{where}audio: shape {r.audio.shape}, expected "
+                               f"(clips, {a['clip_frames']}, {a['num_mel_bins']})")
+        _finite(r.audio, f"{where}audio")
+    if r.pc_feat is not None:
+        dv = config["vision"]["hidden_size"]
+        if r.pc_feat.ndim != 2 or r.pc_feat.shape[1] != dv or not len(r.pc_feat):
+            raise RequestError(f"{where}pc_feat: shape {r.pc_feat.shape}, expected (points, {dv})")
+        if r.pc_coords.shape != (r.pc_feat.shape[0], 3):
+            raise RequestError(f"{where}pc_coords: shape {r.pc_coords.shape}, expected ({r.pc_feat.shape[0]}, 3)")
+        if r.pc_coords.min() < 0 or r.pc_coords.max() >= config["pc_grid"]:
+            raise RequestError(f"{where}pc_coords: voxel coordinates must lie in [0, {config['pc_grid']})")
+        _finite(r.pc_feat, f"{where}pc_feat")
+
+
+def _names(config: dict) -> list[str]:
+    return [m.split("-")[0] for m in config["modalities"]]
+
+
+TASKS = ("oeqa", "mcqa")
+
+
+def generation_settings(config: dict, **overrides) -> dict:
+    """config["generation"] + overrides, and "task" (default: the config's downstream task)."""
+    g = {**config["generation"], "task": config["downstream_task"]}
+    g.update({k: v for k, v in overrides.items() if v is not None})
+    if g["task"] not in TASKS:
+        raise RequestError(f"task {g['task']!r}: expected one of {', '.join(TASKS)}")
+    for key in ("num_beams", "max_new_tokens"):
+        if not 1 <= int(g[key]) <= 64:
+            raise RequestError(f"{key} {g[key]}: expected 1..64")
+    if g["task"] == "mcqa":
+        g["num_beams"] = 1
+    return g
+
+
+def fuse_encode(stage, tokenizer: QuestionTokenizer, tokens: dict[str, np.ndarray],
+                questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Modality tokens (modality_tokens' layout) + questions -> encoder_hidden [B, S, d], encoder_mask [B, S]."""
+    ids, mask = tokenizer.encode(questions)
+    out = stage(**{f"{m}_tokens": x for m, x in tokens.items()}, question_ids=ids, question_mask=mask)
+    return out["encoder_hidden"], out["encoder_mask"]
+
+
+def decode_answers(stages, hidden: np.ndarray, mask: np.ndarray, g: dict, tokenizer: QuestionTokenizer,
+                   answer_ids: list[int]) -> list[Answer]:
+    """The decode loop over `stages["decoder_first"]` / `["decoder_step"]` (anything called like a
+    Stage: the ORT sessions here, Triton BLS calls in triton_models/). g: `generation_settings`."""
+    if g["task"] == "mcqa" and not answer_ids:
+        raise RequestError("task mcqa: these artifacts have no answer-letter token ids (re-export them)")
+    model = OrtStepModel(stages["decoder_first"], stages["decoder_step"], hidden, mask)
+    if g["task"] == "mcqa":
+        tokens, step_logits = decoding.greedy(model, g["max_new_tokens"], g["min_length"])
+        scores = decoding.mcqa_scores(tokens, step_logits, answer_ids)
+        return [Answer(LETTERS[int(s.argmax())], ids, [float(x) for x in s]) for ids, s in zip(tokens, scores)]
+    if g["num_beams"] == 1:
+        tokens, _ = decoding.greedy(model, g["max_new_tokens"], g["min_length"])
+    else:
+        tokens = decoding.beam_search(model, g["num_beams"], g["max_new_tokens"], g["min_length"],
+                                      g["length_penalty"])
+    return [Answer(tokenizer.decode(ids) or "unanswerable", ids) for ids in tokens]
+
+
+def session_options(threads: int | None = None, memory_arena: bool = True, spin: bool = True) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = memory_arena
+    # spin: idle ORT threads busy-wait for the next op (lower latency); turn off when other thread
+    # pools (torch's in a benchmark, other Triton model processes) share the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}

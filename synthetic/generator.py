@@ -1,19 +1,21 @@
 """Synthetic multimodal video QA, deterministic by seed: real files that the raw-input path reads.
 
-Each clip (a folder) holds `clip.mp4` (a shape moving over a grey wall, two still squares),
-`depth.npy` [frames, H, W] (ground-truth depth: the wall is a tilted plane, the squares sit at
-different depths), `audio.wav` (16 kHz soundtrack) and `pc.npz` (3D point features of an object
+Each clip (a folder) holds `clip.mp4` (a shape moving over a grey wall, a still square and a still
+circle), `depth.npy` [frames, H, W] (ground-truth depth: the wall is a tilted plane, the two still
+objects sit at different depths), `audio.wav` (16 kHz soundtrack) and `pc.npz` (3D point features of an object
 and their voxel coordinates). Every question type needs one modality:
 
   colour    rgb    What color is the moving shape?            red | green | blue | yellow | purple
   motion    flow   Which way does the shape move?             left | right | up | down | still
-  nearer    depth  Which square is nearer, the left or the right one?   left | right
+  nearer    depth  Which is nearer, the square or the circle?  square | circle
   facing    norm   Which way does the wall face?              left | right | up | down | front
   sound     audio  What sound do you hear?                    beep | tone | music | noise | quiet
   shape3d   pc     What shape is the 3D object?               sphere | cube | star | triangle | box
 
-The two squares have the same size and random colours, so only depth tells which is nearer; the
-wall is drawn flat grey, so only its normals tell where it faces. Depth is in pixel units (the
+The square and the circle have the same size, random colours and random sides, so only depth tells
+which is nearer (asked by shape, not side: the nearer object is the brightest blob of the depth
+image, which a model reads without having to tell left from right); the wall is drawn flat grey, so
+only its normals tell where it faces. Depth is in pixel units (the
 orthographic camera of runtime/modalities.normals_from_depth): the wall is tilted 0.8 depth units
 per pixel, about 39 degrees, away from where it faces. Questions come as oeqa (answer
 word) and mcqa (five options A-E, answer letter).
@@ -32,7 +34,8 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 40), "blue": (40, 70, 220), 
            "purple": (150, 50, 200)}
 MOTIONS = ("left", "right", "up", "down", "still")
 FACINGS = ("left", "right", "up", "down", "front")
-SIDES = ("left", "right", "both", "neither", "middle")  # the answer is one of the first two
+STILL_SHAPES = ("square", "circle")  # the two still objects; "nearer" answers with one of them
+NEARER_OPTIONS = STILL_SHAPES + ("both", "neither", "triangle")
 SOUNDS = ("beep", "tone", "music", "noise", "quiet")
 SHAPES_3D = ("sphere", "cube", "star", "triangle", "box")
 QUESTION_TYPES = {"colour": "rgb", "motion": "flow", "nearer": "depth", "facing": "norm", "sound": "audio",
@@ -47,8 +50,9 @@ class Scene:
     colour: str          # the moving shape's colour
     shape: str           # circle | square | triangle (drawn; not asked)
     motion: str
-    squares: tuple       # (colour, colour) of the two still squares, left then right
-    nearer: int          # index of the nearer square
+    squares: tuple       # (colour, colour) of the two still objects, left then right
+    still: tuple         # their shapes, left then right: ("square", "circle") or ("circle", "square")
+    nearer: int          # index of the nearer still object
     facing: str
     sound: str
     shape3d: str
@@ -78,6 +82,7 @@ def random_scene(rng: np.random.Generator) -> Scene:
     squares = tuple(rng.choice(colours, size=2, replace=False))
     return Scene(colour=str(rng.choice(colours)), shape=str(rng.choice(["circle", "square", "triangle"])),
                  motion=str(rng.choice(MOTIONS)), squares=(str(squares[0]), str(squares[1])),
+                 still=tuple(STILL_SHAPES[::int(rng.choice([1, -1]))]),
                  nearer=int(rng.integers(2)), facing=str(rng.choice(FACINGS)), sound=str(rng.choice(SOUNDS)),
                  shape3d=str(rng.choice(SHAPES_3D)))
 
@@ -106,9 +111,14 @@ def render_video(scene: Scene, frames: int, size: int, rng: np.random.Generator)
     for t in range(frames):
         img = np.full((size, size, 3), 128, np.uint8)
         d = wall.copy()
-        for (cx, cy), colour, z in zip(centres, scene.squares, square_depth):
-            img[cy - half:cy + half, cx - half:cx + half] = COLOURS[colour]
-            d[cy - half:cy + half, cx - half:cx + half] = z
+        for (cx, cy), colour, z, kind in zip(centres, scene.squares, square_depth, scene.still):
+            still = np.zeros((size, size), np.uint8)
+            if kind == "square":
+                still[cy - half:cy + half, cx - half:cx + half] = 1
+            else:
+                cv2.circle(still, (cx, cy), half, 1, -1)
+            img[still > 0] = COLOURS[colour]
+            d[still > 0] = z
         x, y = (start + np.array(delta) * t).astype(int)
         colour = COLOURS[scene.colour]
         mask = np.zeros((size, size), np.uint8)
@@ -160,7 +170,7 @@ def questions_for(scene: Scene, clip: str, rng: np.random.Generator) -> list[Que
     specs = {
         "colour": ("What color is the moving shape?", scene.colour, tuple(COLOURS)),
         "motion": ("Which way does the shape move?", scene.motion, MOTIONS),
-        "nearer": ("Which square is nearer, the left or the right one?", SIDES[scene.nearer], SIDES),
+        "nearer": ("Which is nearer, the square or the circle?", scene.still[scene.nearer], NEARER_OPTIONS),
         "facing": ("Which way does the wall face?", scene.facing, FACINGS),
         "sound": ("What sound do you hear?", scene.sound, SOUNDS),
         "shape3d": ("What shape is the 3D object?", scene.shape3d, SHAPES_3D),

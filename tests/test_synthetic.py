@@ -1,5 +1,7 @@
 """The synthetic task: deterministic by seed, real files, and each answer recoverable from its modality."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -38,14 +40,15 @@ def test_questions_cover_every_modality_in_both_forms(data):
 
 
 def test_answers_are_in_the_files(data):
-    """Ground truth is recoverable: the nearer square is nearer in depth, the wall faces as stated."""
+    """Ground truth is recoverable: the nearer object is nearer in depth, the wall faces as stated."""
     for q in read_questions(data):
         depth = np.load(data / q.clip / "depth.npy")
         if q.qtype == "nearer":
             size = depth.shape[1]
             row = size - size // 8 - 2
             left, right = depth[0, row, size // 4], depth[0, row, 3 * size // 4]
-            assert (q.answer == "left") == (left < right) and q.answer in ("left", "right")
+            scene = json.loads((data / q.clip / "scene.json").read_text())
+            assert q.answer == scene["still"][0 if left < right else 1] and q.answer in ("square", "circle")
         if q.qtype == "facing":
             n = normals_from_depth(depth[0])[2, 2]
             want = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "front": (0, 0)}[q.answer]

@@ -1,0 +1,146 @@
+"""Benchmark: Triton serving vs the in-process ONNX Runtime pipeline, from raw files to the answer.
+
+    .venv/bin/python bench/bench_triton.py [--preset demo|bench] [--clips 6] [--out docs/triton-benchmark.md]
+
+One run, one machine, ratios between numbers of the same run. Every request starts from the raw
+files (video, depth, audio, 3D features): preprocessing and modality extraction are included.
+  latency     batch 1, a video neither side has seen (Triton: every encoder runs), interleaved
+              in-process / Triton per clip; median over clips
+  repeat      a second question about a video Triton has seen (encoders from the response cache)
+  throughput  requests/s over fresh videos, 1 client vs 4 concurrent clients
+Server: the python flavour on the pip Triton 2.51, every model one instance, loopback HTTP.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_pipeline import exported  # noqa: E402
+from reference.config import preset  # noqa: E402
+from runtime.inputs import request_from_files  # noqa: E402
+from runtime.pipeline import Pipeline  # noqa: E402
+from synthetic.generator import clip_files, read_questions  # noqa: E402
+from training.demo import demo_data  # noqa: E402
+from triton_models.client import CremaClient, tensors_from_files  # noqa: E402
+from triton_models.repository import generate_repository  # noqa: E402
+from triton_models.server import TritonServer  # noqa: E402
+
+NEEDS = {"video": ("rgb", "flow", "depth", "norm"), "depth": ("depth", "norm"), "audio": ("audio",), "pc": ("pc",)}
+
+
+def model_and_source(name: str):
+    from reference.weights import DEMO_SOURCE, demo_model, preset_model
+    if name == "demo":
+        return demo_model, DEMO_SOURCE
+    return (lambda: preset_model(preset(name), seed=0)), {"preset": name, "seed": 0}
+
+
+class Clip:
+    """One generated clip: its files (those the model needs) and its questions."""
+
+    def __init__(self, folder: Path, config: dict, questions: list):
+        names = [m.split("-")[0] for m in config["modalities"]]
+        self.files = {k: v for k, v in clip_files(folder).items() if any(m in names for m in NEEDS[k])}
+        self.questions = [q.question for q in questions if q.clip == folder.name]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run(preset_name: str, clips: int, work: Path) -> dict:
+    make_model, source = model_and_source(preset_name)
+    artifacts = exported(make_model, work / f"artifacts-{preset_name}", source)
+    pipeline = Pipeline(artifacts)
+    config = pipeline.config
+    n_latency, n_throughput = clips, 2 * max(clips, 4)
+    data = demo_data(work / f"clips-{preset_name}", n_latency + 2 * n_throughput + 1, seed=5, config=config)
+    questions = read_questions(data)
+    all_clips = [Clip(data / f"clip{i:05d}", config, questions) for i in range(n_latency + 2 * n_throughput + 1)]
+    warm, latency_clips = all_clips[0], all_clips[1:1 + n_latency]
+    serial_clips = all_clips[1 + n_latency:1 + n_latency + n_throughput]
+    concurrent_clips = all_clips[1 + n_latency + n_throughput:]
+    repo = generate_repository(artifacts, work / f"repo-{preset_name}")
+
+    def local(clip: Clip, q: int = 0):
+        return pipeline.answer([request_from_files(config, clip.questions[q], **clip.files)])[0].text
+
+    with TritonServer(repo, log=work / "server.log") as server:
+        url = server.endpoints.http_url
+
+        def remote(clip: Clip, q: int = 0, client: CremaClient | None = None):
+            if client is None:
+                with CremaClient(url) as c:
+                    return c.infer(tensors_from_files(clip.questions[q], **clip.files)).answer
+            return client.infer(tensors_from_files(clip.questions[q], **clip.files)).answer
+
+        with CremaClient(url) as client:
+            assert local(warm) == remote(warm, client=client)  # warm-up both, and the same answer
+            rows = []
+            for clip in latency_clips:
+                rows.append({"in_process_s": timed(lambda: local(clip)),
+                             "triton_first_s": timed(lambda: remote(clip, 0, client)),
+                             "triton_repeat_s": timed(lambda: remote(clip, 1, client)),
+                             "in_process_repeat_s": timed(lambda: local(clip, 1))})
+                print("  " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in rows[-1].items()), flush=True)
+        median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+        def throughput(clips_: list[Clip], workers: int) -> float:
+            start = time.perf_counter()
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(remote, clips_))
+            return len(clips_) / (time.perf_counter() - start)
+
+        rps1 = throughput(serial_clips, 1)
+        rps4 = throughput(concurrent_clips, 4)
+    return {"preset": preset_name, "modalities": config["modalities"], "clips": n_latency,
+            "median": median, "per_clip": rows,
+            "triton_overhead": median["triton_first_s"] / median["in_process_s"] - 1,
+            "repeat_speedup": median["triton_first_s"] / median["triton_repeat_s"],
+            "throughput": {"concurrency_1_rps": rps1, "concurrency_4_rps": rps4, "ratio": rps4 / rps1,
+                           "requests": n_throughput}}
+
+
+def markdown(results: list[dict]) -> str:
+    rows = ["| preset (modalities) | in process | Triton, new video | overhead (target <= 15%) | Triton, seen video | "
+            "speed-up (target >= 5x) | req/s, 1 client | req/s, 4 clients | ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        m, t = r["median"], r["throughput"]
+        rows.append(f"| {r['preset']} ({'+'.join(r['modalities'])}) | {m['in_process_s'] * 1000:.1f} ms | "
+                    f"{m['triton_first_s'] * 1000:.1f} ms | {100 * r['triton_overhead']:+.0f}% | "
+                    f"{m['triton_repeat_s'] * 1000:.1f} ms | {r['repeat_speedup']:.1f}x | "
+                    f"{t['concurrency_1_rps']:.2f} | {t['concurrency_4_rps']:.2f} | {t['ratio']:.2f}x |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", action="append", choices=["demo", "bench"], help="repeatable (default demo)")
+    parser.add_argument("--clips", type=int, default=6, help="videos for the latency rows")
+    parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-triton")
+    parser.add_argument("--out", type=Path, help="markdown table (and .json beside it)")
+    args = parser.parse_args()
+    results = []
+    for name in args.preset or ["demo"]:
+        print(f"preset {name}:", flush=True)
+        results.append(run(name, args.clips, args.work))
+    table = markdown(results)
+    print(table)
+    if args.out:
+        args.out.write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

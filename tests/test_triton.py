@@ -1,0 +1,259 @@
+"""Serving with a real Triton server (the nvidia-pytriton wheel's 2.51) on loopback and free ports.
+
+One server for the module, over the trained demo model's repository (python flavour): HTTP and
+gRPC answers equal the in-process ONNX Runtime pipeline's, concurrent requests, the response cache,
+bad requests answered with errors while the server keeps serving, and a killed model process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.onnx_export import export_artifacts
+from reference.weights import DEMO_SOURCE, demo_model
+from runtime.inputs import request_from_files
+from runtime.pipeline import Pipeline
+from synthetic.generator import clip_files, read_questions
+from training.demo import demo_data
+from triton_models.client import AskError, CremaClient, request_tensors, tensors_from_files
+from triton_models.repository import generate_repository, validate
+from triton_models.server import TritonServer, python_stubs
+
+MAX_INPUT_MB = 1
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton")
+    model = demo_model()
+    artifacts = export_artifacts(model, root / "artifacts", DEMO_SOURCE, progress=False)
+    data = demo_data(root / "clips", 3, 1, model.cfg.to_dict())
+    repo = generate_repository(artifacts, root / "repo", max_input_mb=MAX_INPUT_MB)
+    server = TritonServer(repo, log=root / "server.log").start()
+    yield {"artifacts": artifacts, "data": data, "repo": repo, "server": server, "pipeline": Pipeline(artifacts),
+           "questions": read_questions(data)}
+    server.stop()
+
+
+@pytest.fixture
+def http(setup):
+    with CremaClient(setup["server"].endpoints.http_url) as client:
+        yield client
+
+
+def files(setup, clip: str) -> dict:
+    return clip_files(setup["data"] / clip)
+
+
+def in_process(setup, question, **options):
+    p = setup["pipeline"]
+    return p.answer([request_from_files(p.config, question.question, **files(setup, question.clip))], **options)[0]
+
+
+def test_generated_configs_parse_as_triton_model_configs(setup, tmp_path):
+    configs = validate(setup["repo"])
+    assert set(configs) >= {"crema", "preprocess", "vision", "mmqa_rgb", "mmqa_pc", "audio_encoder", "llm",
+                            "fuse_encode", "decoder_first", "decoder_step"}
+    vision = configs["vision"]
+    assert vision.max_batch_size > 0 and vision.HasField("dynamic_batching") and vision.response_cache.enable
+    assert configs["preprocess"].response_cache.enable and not configs["llm"].response_cache.enable
+    steps = [s.model_name for s in configs["crema"].ensemble_scheduling.step]
+    assert steps[0] == "preprocess" and steps[-1] == "llm" and steps.count("vision") == 4
+    native = generate_repository(setup["artifacts"], tmp_path / "native", flavour="native")
+    for name, cfg in validate(native).items():
+        text = (native / name / "config.pbtxt").read_text()
+        assert text_format.Parse(text, mc.ModelConfig()) == cfg
+        if name in ("crema",):
+            assert cfg.platform == "ensemble"
+        elif name in ("preprocess", "llm"):
+            assert cfg.backend == "python"
+        else:
+            assert cfg.platform == "onnxruntime_onnx" and (native / name / "1" / "model.onnx").is_file()
+            assert not (native / name / "1" / "model.py").exists()
+
+
+def test_broken_config_is_refused(setup, tmp_path):
+    import shutil
+    repo = shutil.copytree(setup["repo"], tmp_path / "repo")
+    (repo / "vision" / "config.pbtxt").write_text('name: "vision"\nmax_batch_size: "many"\n')
+    with pytest.raises(ValueError, match="vision/config.pbtxt: not a valid Triton ModelConfig"):
+        validate(repo)
+
+
+def test_http_and_grpc_answer_as_the_in_process_runtime(setup):
+    server = setup["server"]
+    with CremaClient(server.endpoints.http_url) as http, CremaClient(server.endpoints.grpc_url, "grpc") as grpc:
+        for q in setup["questions"][:12]:
+            want = in_process(setup, q).text
+            tensors = tensors_from_files(q.question, **files(setup, q.clip))
+            assert http.infer(tensors).answer == want == grpc.infer(tensors).answer, q
+        q = setup["questions"][0]
+        want = in_process(setup, q, task="mcqa")
+        got = grpc.infer(tensors_from_files(q.question, **files(setup, q.clip), task="mcqa"))
+        assert got.answer == want.text and np.allclose(got.option_scores, want.option_scores, atol=1e-4)
+        greedy = http.infer(tensors_from_files(q.question, **files(setup, q.clip), num_beams=1, max_new_tokens=3))
+        assert greedy.answer == in_process(setup, q, num_beams=1, max_new_tokens=3).text
+
+
+def test_pre_extracted_frames_instead_of_video(setup, http):
+    q = setup["questions"][1]
+    p = setup["pipeline"]
+    request = request_from_files(p.config, q.question, **files(setup, q.clip))
+    frames = {m: x for m, x in request.frames.items()}
+    frames["rgb"] = frames["rgb"] * 0.5  # not what the video gives: the frames must be what is used
+    want = p.answer([dataclasses.replace(request, frames=frames)])[0].text
+    with open(files(setup, q.clip)["audio"], "rb") as f:
+        audio = f.read()
+    got = http.ask(q.question, frames=frames, audio=audio, pc_feat=request.pc_feat, pc_coords=request.pc_coords)
+    assert got.answer == want
+
+
+def test_concurrent_requests_all_answer_correctly(setup):
+    questions = setup["questions"][:12]
+    want = {q.id: in_process(setup, q).text for q in questions}
+    url = setup["server"].endpoints.http_url
+
+    def ask(q):
+        with CremaClient(url) as client:
+            return q.id, client.infer(tensors_from_files(q.question, **files(setup, q.clip))).answer
+
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(pool.map(ask, questions + questions))
+    assert got == want and len(questions) == 12
+
+
+def cache_hits(client: CremaClient, model: str) -> int:
+    stats = client.client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+    return int(stats["cache_hit"]["count"])
+
+
+def test_a_repeated_video_hits_the_response_cache(setup, http):
+    clip = setup["questions"][-1].clip  # clip00002
+    qs = [q for q in setup["questions"] if q.clip == clip]
+    http.infer(tensors_from_files(qs[0].question, **files(setup, clip)))
+    before = {m: cache_hits(http, m) for m in ("preprocess", "vision", "mmqa_depth", "audio_encoder")}
+    answer = http.infer(tensors_from_files(qs[1].question, **files(setup, clip))).answer
+    after = {m: cache_hits(http, m) for m in before}
+    assert answer == qs[1].answer or answer == in_process(setup, qs[1]).text
+    assert after["preprocess"] == before["preprocess"] + 1 and after["mmqa_depth"] == before["mmqa_depth"] + 1
+    assert after["vision"] == before["vision"] + 4 and after["audio_encoder"] == before["audio_encoder"] + 1
+
+
+def bad_requests(setup) -> list[tuple[str, dict, str]]:
+    """(what, tensors, a phrase the error must contain)."""
+    q = setup["questions"][0]
+    good = tensors_from_files(q.question, **files(setup, q.clip))
+    without = lambda *names: {k: v for k, v in good.items() if k not in names}  # noqa: E731
+    text = lambda s: np.array([s], dtype=object)  # noqa: E731
+    frames = np.zeros((2, 3, 56, 56), np.float32)
+    nan_points = good["pc_feat"].copy()
+    nan_points[0, 0] = np.nan
+    return [
+        ("missing question", without("question"), "question: missing"),
+        ("empty question", {**good, "question": text(b"   ")}, "question: empty"),
+        ("oversized question", {**good, "question": text(b"why " * 2000)}, "question: 8000 bytes"),
+        ("too long for the model", {**good, "question": text(b"why " * 200)}, "the exported maximum is"),
+        ("missing audio", without("audio"), "audio: the configuration needs an audio file"),
+        ("missing video", without("video"), "flow: needs the video"),
+        ("undecodable video", {**good, "video": text(b"not a video at all")}, "video bytes: not a video"),
+        ("bad depth", {**good, "depth": text(b"\x89PNG not really")}, "depth"),
+        ("too many frames", {**good, "rgb_frames": frames}, "rgb_frames"),
+        ("wrong dtype", {**good, "pc_coords": good["pc_coords"].astype(np.float32)}, "pc_coords"),
+        ("wrong shape", {**good, "pc_feat": good["pc_feat"][:, :10]}, "pc_feat"),
+        ("NaN in features", {**good, "pc_feat": nan_points}, "NaN"),
+        ("voxels off the grid", {**good, "pc_coords": good["pc_coords"] + 10_000}, "voxel coordinates"),
+        ("unknown task", {**good, "task": text(b"summarise")}, "task 'summarise'"),
+        ("zero beams", {**good, "num_beams": np.array([0], np.int32)}, "num_beams 0"),
+        ("payload over the limit", {**good, "video": text(os.urandom((MAX_INPUT_MB << 20) + 1))},
+         "over this server's limit"),
+    ]
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(setup, http):
+    q = setup["questions"][0]
+    good = tensors_from_files(q.question, **files(setup, q.clip))
+    want = in_process(setup, q).text
+    for what, tensors, phrase in bad_requests(setup):
+        with pytest.raises(AskError) as err:
+            http.infer(tensors)
+        assert phrase in str(err.value), (what, str(err.value))
+        assert http.infer(good).answer == want, what
+
+
+def test_a_killed_model_process_is_replaced_and_later_requests_succeed(setup, http):
+    server = setup["server"]
+    q = setup["questions"][3]
+    tensors = tensors_from_files(q.question, **files(setup, q.clip))
+    want = http.infer(tensors).answer
+    llm = next(pid for pid, model in python_stubs(server.process.pid).items() if model == "llm")
+    os.kill(llm, signal.SIGSTOP)  # hold it mid-run: the next request waits inside it
+    outcome = {}
+
+    def in_flight():
+        with CremaClient(server.endpoints.http_url) as client:
+            try:
+                outcome["answer"] = client.infer(tensors).answer
+            except AskError as e:
+                outcome["error"] = str(e)
+
+    thread = threading.Thread(target=in_flight)
+    thread.start()
+    time.sleep(1.0)
+    os.kill(llm, signal.SIGKILL)
+    thread.join(60)
+    assert "not healthy" in outcome.get("error", ""), outcome  # the request it died in fails, and says so
+    deadline = time.monotonic() + 60
+    while not server.watchdog.restarts and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [m for m, _ in server.watchdog.restarts] == ["llm"]
+    for _ in range(3):
+        assert http.infer(tensors).answer == want
+
+
+def test_crema_serve_and_ask_then_ctrl_c(setup, tmp_path):
+    from triton_models.server import free_port
+    port, grpc_port, metrics = free_port(), free_port(), free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "crema.cli", "serve", "--repo", str(setup["repo"]),
+                              "--http-port", str(port), "--grpc-port", str(grpc_port), "--metrics-port",
+                              str(metrics)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in serve.stdout:
+            lines.append(line)
+            if line.startswith("ready:"):
+                break
+        assert f"HTTP 127.0.0.1:{port}" in lines[-1], lines
+        q = setup["questions"][2]
+        f = files(setup, q.clip)
+        args = ["--question", q.question, "--video", str(f["video"]), "--depth", str(f["depth"]), "--audio",
+                str(f["audio"]), "--pc", str(f["pc"])]
+        for protocol, url in (("http", port), ("grpc", grpc_port)):
+            out = subprocess.run([sys.executable, "-m", "crema.cli", "ask", "--url", f"127.0.0.1:{url}",
+                                  "--protocol", protocol, *args], capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0 and f"answer:   {in_process(setup, q).text}" in out.stdout, out.stderr
+        refused = subprocess.run([sys.executable, "-m", "crema.cli", "ask", "--url", f"127.0.0.1:{port}",
+                                  *args[:2]], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "flow: needs the video" in refused.stderr
+        serve.send_signal(signal.SIGINT)
+        rest = serve.communicate(timeout=60)[0]
+        assert serve.returncode == 0 and "stopped" in rest
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+
+
+def test_request_tensors_send_only_what_is_given():
+    t = request_tensors("Q?", audio=b"RIFF", num_beams=2)
+    assert sorted(t) == ["audio", "num_beams", "question"] and t["num_beams"].dtype == np.int32

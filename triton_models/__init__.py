@@ -1,0 +1,1 @@
+"""Triton Inference Server deployment: repository generator, python models, server launcher, client."""

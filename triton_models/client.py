@@ -1,0 +1,120 @@
+"""`crema ask`: the client of the `crema` ensemble (tritonclient, HTTP or gRPC). No torch, no ONNX Runtime.
+
+    client = CremaClient("127.0.0.1:8000")
+    result = client.ask("What color is the shape?", video=Path("clip.mp4").read_bytes(), ...)
+
+Inputs: the question; video and depth as file bytes (any container OpenCV reads; .npy or 16-bit PNG
+depth); pre-extracted frames per visual modality as [T, 3, S, S] float32; audio file bytes; point
+features [P, D] float32 and voxel coordinates [P, 3] int64; task options. Only what is given is sent.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .layout import ENSEMBLE
+
+PROTOCOLS = ("http", "grpc")
+DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
+             np.dtype(object): "BYTES"}
+
+
+class AskError(RuntimeError):
+    """The server refused or failed the request; the message is the server's."""
+
+
+@dataclass
+class AskResult:
+    answer: str
+    option_scores: list[float]
+    seconds: float
+
+
+def _module(protocol: str):
+    if protocol == "http":
+        import tritonclient.http as module
+    elif protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        raise ValueError(f"protocol {protocol!r}: expected http or grpc")
+    return module
+
+
+def request_tensors(question: str | bytes, video: bytes | None = None, depth: bytes | None = None,
+                    audio: bytes | None = None, pc_feat: np.ndarray | None = None, pc_coords: np.ndarray | None = None,
+                    frames: dict[str, np.ndarray] | None = None, task: str | None = None,
+                    num_beams: int | None = None, max_new_tokens: int | None = None) -> dict[str, np.ndarray]:
+    """The ensemble's input tensors, by name, for what is given."""
+    text = lambda x: np.array([x if isinstance(x, bytes) else x.encode()], dtype=object)  # noqa: E731
+    out = {"question": text(question)}
+    for name, value in (("video", video), ("depth", depth), ("audio", audio), ("task", task)):
+        if value is not None:
+            out[name] = text(value)
+    if pc_feat is not None:
+        out["pc_feat"] = np.ascontiguousarray(pc_feat, dtype=np.float32)
+    if pc_coords is not None:
+        out["pc_coords"] = np.ascontiguousarray(pc_coords, dtype=np.int64)
+    for m, x in (frames or {}).items():
+        out[f"{m}_frames"] = np.ascontiguousarray(x, dtype=np.float32)
+    for name, value in (("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
+        if value is not None:
+            out[name] = np.array([value], dtype=np.int32)
+    return out
+
+
+def tensors_from_files(question: str, video=None, depth=None, audio=None, pc=None, frames: dict | None = None,
+                       **options) -> dict[str, np.ndarray]:
+    """Like request_tensors, from paths: pc is a .npz with feat and coords, frames modality -> .npy."""
+    read = lambda p: None if p is None else Path(p).read_bytes()  # noqa: E731
+    feat = coords = None
+    if pc is not None:
+        with np.load(pc, allow_pickle=False) as data:
+            feat, coords = data["feat"], data["coords"]
+    return request_tensors(question, read(video), read(depth), read(audio), feat, coords,
+                           {m: np.load(p, allow_pickle=False) for m, p in (frames or {}).items()}, **options)
+
+
+class CremaClient:
+    def __init__(self, url: str, protocol: str = "http", model: str = ENSEMBLE, timeout_s: float = 300.0):
+        self.module = _module(protocol)
+        self.protocol, self.model = protocol, model
+        if protocol == "http":
+            self.client = self.module.InferenceServerClient(url, connection_timeout=timeout_s,
+                                                            network_timeout=timeout_s)
+        else:
+            self.client = self.module.InferenceServerClient(url)
+        self.timeout_s = timeout_s
+
+    def infer(self, tensors: dict[str, np.ndarray]) -> AskResult:
+        inputs = []
+        for name, x in tensors.items():
+            tensor = self.module.InferInput(name, list(x.shape), DATATYPES[x.dtype])
+            tensor.set_data_from_numpy(x)
+            inputs.append(tensor)
+        outputs = [self.module.InferRequestedOutput(n) for n in ("answer", "option_scores")]
+        start = time.perf_counter()
+        try:
+            if self.protocol == "grpc":
+                result = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            else:
+                result = self.client.infer(self.model, inputs, outputs=outputs)
+        except Exception as e:  # InferenceServerException (either protocol) carries the server's message
+            raise AskError(getattr(e, "message", lambda: str(e))() or str(e)) from e
+        seconds = time.perf_counter() - start
+        return AskResult(result.as_numpy("answer").reshape(-1)[0].decode(),
+                         [float(x) for x in result.as_numpy("option_scores")], seconds)
+
+    def ask(self, question: str, **inputs) -> AskResult:
+        return self.infer(request_tensors(question, **inputs))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "CremaClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

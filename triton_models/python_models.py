@@ -1,0 +1,174 @@
+"""The python-backend models of the generated repository; each `1/model.py` imports one class here.
+
+StageModel       one exported stage over ONNX Runtime (python flavour); batched stages concatenate
+                 the requests the dynamic batcher hands over on the batch axis, run once, split
+PreprocessModel  raw request inputs -> each modality's model input (runtime.inputs, checks included)
+LlmModel         BLS: question + modality tokens -> fuse_encode -> decode loop over decoder_first /
+                 decoder_step (runtime.pipeline.decode_answers) -> answer text, mcqa option scores
+
+A bad request gets an error response naming the problem; the model keeps serving the others.
+Only importable inside Triton's python backend stub (triton_python_backend_utils).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from runtime.artifacts import TOKENIZER
+from runtime.inputs import request_from_files
+from runtime.pipeline import (RequestError, Stage, check_inputs, decode_answers, fuse_encode,
+                              generation_settings, session_options)
+from runtime.specs import VISUAL, StageSpec, stage_specs
+from runtime.text import QuestionTokenizer
+
+from .layout import LLM_STAGES, MODEL_INFO, TASK_INPUTS
+
+MAX_QUESTION_BYTES = 4096
+
+
+def _model_info(args: dict) -> tuple[Path, dict]:
+    version = Path(args["model_repository"]) / args["model_version"]
+    return version, json.loads((version / MODEL_INFO).read_text())
+
+
+def _input(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _bytes(request, name: str) -> bytes | None:
+    x = _input(request, name)
+    return None if x is None else bytes(x.reshape(-1)[0])
+
+
+def _respond(requests, handle) -> list:
+    """One response per request: handle(request) -> {name: array}, or an error naming the problem."""
+    responses = []
+    for request in requests:
+        try:
+            outputs = handle(request)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
+        except ValueError as e:  # ours: RequestError, ModalityError, VideoError, AudioError, ...
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+        except Exception as e:  # noqa: BLE001 - anything else still answers this request only
+            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(e).__name__}: {e}")))
+    return responses
+
+
+class StageModel:
+    def initialize(self, args: dict) -> None:
+        version, info = _model_info(args)
+        self.spec: StageSpec = stage_specs(info["config"])[info["stage"]]
+        # no spinning: a dozen model processes share the cores
+        self.stage = Stage(self.spec, version / "model.onnx", session_options(spin=False), ["CPUExecutionProvider"])
+        self.batched = json.loads(args["model_config"])["max_batch_size"] > 0
+
+    def execute(self, requests: list) -> list:
+        feeds = [{n: _input(r, n) for n in self.spec.input_names} for r in requests]
+        if not self.batched or len(requests) == 1:
+            return _respond(range(len(requests)), lambda i: self.stage(**feeds[i]))
+        sizes = [f[self.spec.input_names[0]].shape[0] for f in feeds]
+        try:
+            out = self.stage(**{n: np.concatenate([f[n] for f in feeds]) for n in self.spec.input_names})
+        except Exception:  # noqa: BLE001 - one bad request must not fail the batch: answer each alone
+            return _respond(range(len(requests)), lambda i: self.stage(**feeds[i]))
+        cuts = np.cumsum(sizes)[:-1]
+        parts = {k: np.split(v, cuts) for k, v in out.items()}
+        return _respond(range(len(requests)), lambda i: {k: v[i] for k, v in parts.items()})
+
+
+class PreprocessModel:
+    def initialize(self, args: dict) -> None:
+        _, info = _model_info(args)
+        self.config = info["config"]
+        self.names = [m.split("-")[0] for m in self.config["modalities"]]
+        params = json.loads(args["model_config"]).get("parameters", {})
+        self.max_bytes = int(params.get("max_input_bytes", {}).get("string_value", 64 << 20))
+
+    def execute(self, requests: list) -> list:
+        return _respond(requests, self.preprocess)
+
+    def preprocess(self, r) -> dict:
+        raw = {n: _input(r, n) for n in ("video", "depth", "audio", "pc_feat", "pc_coords")}
+        frames = {m: x for m in self.names if m in VISUAL and (x := _input(r, f"{m}_frames")) is not None}
+        size = sum(x.nbytes if x.dtype != object else len(x.reshape(-1)[0]) for x in [*raw.values(), *frames.values()]
+                   if x is not None)
+        if size > self.max_bytes:
+            raise RequestError(f"request inputs: {size} bytes, over this server's limit of {self.max_bytes} "
+                               f"(preprocess parameter max_input_bytes)")
+        pc = None
+        if raw["pc_feat"] is not None and raw["pc_coords"] is not None:
+            pc = (raw["pc_feat"], raw["pc_coords"])
+        request = request_from_files(self.config, "", video=_bytes(r, "video"), depth=_bytes(r, "depth"),
+                                     audio=_bytes(r, "audio"), pc=pc, frames=frames)
+        check_inputs(self.config, request)
+        out = {f"{m}_pixels": request.frames[m] for m in self.names if m in VISUAL}
+        if request.audio is not None:
+            out["fbank"] = request.audio
+        if request.pc_feat is not None:
+            out["pc_points"], out["pc_voxels"] = request.pc_feat[None], request.pc_coords[None]
+        return out
+
+
+class BlsStage:
+    """A stage served by another model of this server, called like runtime.pipeline.Stage."""
+
+    def __init__(self, spec: StageSpec):
+        self.spec = spec
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        tensors = [pb_utils.Tensor(t.name, np.ascontiguousarray(inputs[t.name], dtype=t.dtype)) for t in self.spec.inputs]
+        response = pb_utils.InferenceRequest(model_name=self.spec.name, requested_output_names=self.spec.output_names,
+                                             inputs=tensors).exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.spec.name}: {response.error().message()}")
+        return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in self.spec.output_names}
+
+
+class LlmModel:
+    def initialize(self, args: dict) -> None:
+        version, info = _model_info(args)
+        self.config, self.answer_ids = info["config"], info["answer_ids"]
+        self.names = [m.split("-")[0] for m in self.config["modalities"]]
+        specs = stage_specs(self.config)
+        self.stages = {name: BlsStage(specs[name]) for name in LLM_STAGES}
+        self.tokenizer = QuestionTokenizer(version / TOKENIZER, self.config["max_txt_len"])
+
+    def execute(self, requests: list) -> list:
+        return _respond(requests, self.answer)
+
+    def question(self, r) -> str:
+        data = _bytes(r, "question")
+        if data is None:
+            raise RequestError("question: missing")
+        if len(data) > MAX_QUESTION_BYTES:
+            raise RequestError(f"question: {len(data)} bytes, the limit is {MAX_QUESTION_BYTES}")
+        text = data.decode("utf-8", errors="replace").strip()
+        if not text:
+            raise RequestError("question: empty")
+        return text
+
+    def tokens(self, r) -> dict[str, np.ndarray]:
+        """Each modality's tokens in fuse_encode's layout (one request)."""
+        t = self.config["frame_num"]
+        out = {}
+        for m in self.names:
+            x = _input(r, f"{m}_tokens")
+            if m in VISUAL and x.shape[0] != t:
+                raise RequestError(f"{m}_tokens: {x.shape[0]} frames, the model takes {t}")
+            out[m] = x if m == "pc" else x[None]
+        return out
+
+    def answer(self, r) -> dict:
+        options = {name: _input(r, name) for name, *_ in TASK_INPUTS}
+        overrides = {k: (bytes(v.reshape(-1)[0]).decode() if v.dtype == object else int(v.reshape(-1)[0]))
+                     for k, v in options.items() if v is not None}
+        g = generation_settings(self.config, **overrides)
+        hidden, mask = fuse_encode(self.stages["fuse_encode"], self.tokenizer, self.tokens(r), [self.question(r)])
+        answer = decode_answers(self.stages, hidden, mask, g, self.tokenizer, self.answer_ids)[0]
+        return {"answer": np.array([answer.text.encode()], dtype=object),
+                "option_scores": np.array(answer.option_scores or [], dtype=np.float32)}
+

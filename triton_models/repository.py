@@ -1,0 +1,227 @@
+"""`crema triton-repo`: a Triton model repository generated from an artifact directory's stage specs.
+
+    REPO/
+      crema/config.pbtxt             the ensemble: preprocess -> vision (per visual modality) -> mmqa_{m}
+                                     (audio: audio_encoder -> mmqa_audio; 3D: mmqa_pc) -> llm
+      preprocess/1/model.py          python: video/depth/audio bytes, frames, points -> model inputs
+      vision/1/model.onnx            one model per exported stage, its config read from the spec:
+      mmqa_{m}/1/model.onnx            python flavour: + model.py (ONNX Runtime in the python backend)
+      audio_encoder/ fuse_encode/      native flavour: platform onnxruntime_onnx (or tensorrt_plan)
+      decoder_first/ decoder_step/
+      llm/1/model.py                 python BLS: tokenizer, fuse_encode and the decode loop over the
+                                     decoder models (runtime.pipeline.decode_answers)
+      crema.json                     what was generated from what (config, source, precision, flavour)
+
+Every config.pbtxt is built as Triton's ModelConfig protobuf (tritonclient ships it) and written in
+its text format, so the files parse by construction; `validate` parses a repository back.
+Encoder steps (preprocess, vision, audio_encoder, mmqa_*) get the response cache, so a repeated
+video skips them, and the batched ones (vision, audio_encoder, visual/audio mmqa) dynamic batching.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from runtime.artifacts import TOKENIZER, ArtifactError, Artifacts
+from runtime.specs import VISUAL, StageSpec, TensorSpec
+
+from .layout import ANSWER_OUTPUTS, ENSEMBLE, LLM, MODEL_INFO, PREPROCESS, TASK_INPUTS
+
+FLAVOURS = ("python", "native")
+DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32, "bytes": mc.TYPE_STRING}
+MAX_QUEUE_DELAY_US = 2000  # dynamic batcher: the visual modalities of one request arrive within this
+PYTHON_MODEL = "from triton_models.python_models import {cls} as TritonPythonModel  # noqa: F401\n"
+
+
+def _dims(t: TensorSpec, batched: bool) -> list[int]:
+    dims = t.dims[1:] if batched else t.dims
+    return [-1 if isinstance(d, str) else int(d) for d in dims]
+
+
+def _io(cls, name: str, dtype: str, dims: list[int], optional: bool = False):
+    x = cls(name=name, data_type=DTYPES[dtype], dims=dims)
+    if optional:
+        x.optional = True
+    return x
+
+
+def batched(spec: StageSpec) -> bool:
+    """The dynamic batcher may concatenate requests on the spec's batch axis when every tensor starts with it."""
+    return spec.batch_axis is not None and all(t.dims[0] == spec.batch_axis for t in spec.inputs + spec.outputs)
+
+
+def stage_config(spec: StageSpec, flavour: str, cache: bool, instances: int) -> mc.ModelConfig:
+    """A stage's ModelConfig: inputs/outputs from its spec; batched stages get max_batch_size = the
+    spec's TensorRT profile maximum on the batch axis and the dynamic batcher."""
+    is_batched = batched(spec)
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=spec.profile[spec.batch_axis][2] if is_batched else 0)
+    if flavour == "python":
+        cfg.backend = "python"
+    else:
+        cfg.platform, cfg.default_model_filename = "onnxruntime_onnx", "model.onnx"
+    cfg.input.extend(_io(mc.ModelInput, t.name, t.dtype, _dims(t, is_batched)) for t in spec.inputs)
+    cfg.output.extend(_io(mc.ModelOutput, t.name, t.dtype, _dims(t, is_batched)) for t in spec.outputs)
+    if is_batched:
+        cfg.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
+    cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU if flavour == "python"
+                           else mc.ModelInstanceGroup.KIND_AUTO)
+    if cache:
+        cfg.response_cache.enable = True
+    return cfg
+
+
+def preprocess_io(config: dict, names: list[str]) -> tuple[list, list]:
+    """The preprocess model's (= the ensemble's modality) inputs and its outputs, as (name, dtype, dims, optional).
+
+    Every input is optional to Triton: an ensemble waits forever for a missing required input of a
+    step (2.51 answers "unexpected deadlock"), so preprocess checks presence and names what is missing."""
+    t, s = config["frame_num"], config["vision"]["image_size"]
+    a, dv = config["audio"], config["vision"]["hidden_size"]
+    visual = [m for m in names if m in VISUAL]
+    inputs, outputs = [], []
+    if visual:
+        inputs.append(("video", "bytes", [1], True))
+    if "depth" in names or "norm" in names:
+        inputs.append(("depth", "bytes", [1], True))
+    inputs += [(f"{m}_frames", "float32", [t, 3, s, s], True) for m in visual]
+    outputs += [(f"{m}_pixels", "float32", [t, 3, s, s], False) for m in visual]
+    if "audio" in names:
+        inputs.append(("audio", "bytes", [1], True))
+        outputs.append(("fbank", "float32", [-1, a["clip_frames"], a["num_mel_bins"]], False))
+    if "pc" in names:
+        inputs += [("pc_feat", "float32", [-1, dv], True), ("pc_coords", "int64", [-1, 3], True)]
+        outputs += [("pc_points", "float32", [1, -1, dv], False), ("pc_voxels", "int64", [1, -1, 3], False)]
+    return inputs, outputs
+
+
+def python_config(name: str, inputs: list, outputs: list, cache: bool, instances: int,
+                  parameters: dict[str, str] | None = None) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    cfg.input.extend(_io(mc.ModelInput, *x) for x in inputs)
+    cfg.output.extend(_io(mc.ModelOutput, *x) for x in outputs)
+    cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
+    if cache:
+        cfg.response_cache.enable = True
+    for k, v in (parameters or {}).items():
+        cfg.parameters[k].string_value = v
+    return cfg
+
+
+QUESTION = ("question", "bytes", [1], True)  # optional for the same reason; the llm model names it missing
+
+
+def llm_inputs(config: dict, names: list[str]) -> list:
+    nq, d = config["num_query_token"], config["t5"]["d_model"]
+    return [QUESTION] + [(f"{m}_tokens", "float32", [-1, nq, d], False) for m in names] \
+        + TASK_INPUTS
+
+
+def ensemble_config(config: dict, names: list[str]) -> mc.ModelConfig:
+    """The `crema` ensemble: inputs are preprocess's plus the question and task options."""
+    pre_in, pre_out = preprocess_io(config, names)
+    cfg = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=0)
+    cfg.input.extend(_io(mc.ModelInput, *x) for x in [QUESTION] + pre_in + TASK_INPUTS)
+    cfg.output.extend(_io(mc.ModelOutput, *x) for x in ANSWER_OUTPUTS)
+    steps = cfg.ensemble_scheduling.step
+
+    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+        s = steps.add(model_name=model, model_version=-1)
+        s.input_map.update(inputs)
+        s.output_map.update(outputs)
+
+    step(PREPROCESS, {x[0]: x[0] for x in pre_in}, {x[0]: x[0] for x in pre_out})
+    for m in names:
+        if m in VISUAL:
+            step("vision", {"pixel_values": f"{m}_pixels"}, {"features": f"{m}_features"})
+            step(f"mmqa_{m}", {"features": f"{m}_features"}, {"tokens": f"{m}_tokens"})
+        elif m == "audio":
+            step("audio_encoder", {"fbank": "fbank"}, {"features": "audio_features"})
+            step("mmqa_audio", {"features": "audio_features"}, {"tokens": "audio_tokens"})
+        else:
+            step("mmqa_pc", {"pc_feat": "pc_points", "pc_coords": "pc_voxels"}, {"tokens": "pc_tokens"})
+    llm_in = llm_inputs(config, names)
+    step(LLM, {x[0]: x[0] for x in llm_in}, {x[0]: x[0] for x in ANSWER_OUTPUTS})
+    return cfg
+
+
+def write_config(directory: Path, cfg: mc.ModelConfig) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+
+
+def _python_model(directory: Path, cls: str, info: dict) -> None:
+    version = directory / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    (version / "model.py").write_text(PYTHON_MODEL.format(cls=cls))
+    (version / MODEL_INFO).write_text(json.dumps(info, indent=2))
+
+
+def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "python", precision: str = "fp32",
+                        instances: int = 1, max_input_mb: int = 64, trt_engines: str | Path | None = None) -> Path:
+    """Write the repository (atomically: a temp folder renamed into place); returns its path.
+
+    trt_engines: native flavour only, a folder of `{stage}.plan` (crema build-trt); those stages
+    become tensorrt_plan models, the rest onnxruntime_onnx."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
+    if trt_engines and flavour != "native":
+        raise ValueError("--trt-engines needs --flavour native (the pip Triton server has no TensorRT backend)")
+    art = Artifacts(artifacts)
+    out = Path(out)
+    if out.exists() and not (out / MODEL_INFO).is_file():
+        raise FileExistsError(f"{out}: exists and is not a repository written by `crema triton-repo`")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    config, names = art.config, art.modalities
+    encoders = {"vision", "audio_encoder"} | {f"mmqa_{m}" for m in names}
+    for name, spec in art.specs.items():
+        directory = tmp / name
+        cfg = stage_config(spec, flavour, cache=name in encoders, instances=instances)
+        plan = Path(trt_engines) / f"{name}.plan" if trt_engines else None
+        (directory / "1").mkdir(parents=True)
+        if plan is not None and plan.is_file():
+            cfg.platform, cfg.default_model_filename = "tensorrt_plan", "model.plan"
+            shutil.copyfile(plan, directory / "1" / "model.plan")
+        else:
+            shutil.copyfile(art.path(name, precision), directory / "1" / "model.onnx")
+        if flavour == "python":
+            _python_model(directory, "StageModel", {"stage": name, "config": config})
+        write_config(directory, cfg)
+    pre_in, pre_out = preprocess_io(config, names)
+    write_config(tmp / PREPROCESS, python_config(PREPROCESS, pre_in, pre_out, cache=True, instances=instances,
+                                                 parameters={"max_input_bytes": str(max_input_mb << 20)}))
+    _python_model(tmp / PREPROCESS, "PreprocessModel", {"config": config})
+    write_config(tmp / LLM, python_config(LLM, llm_inputs(config, names), ANSWER_OUTPUTS, cache=False,
+                                          instances=instances))
+    _python_model(tmp / LLM, "LlmModel", {"config": config, "answer_ids": art.manifest["answer_ids"]})
+    shutil.copyfile(art.dir / TOKENIZER, tmp / LLM / "1" / TOKENIZER)
+    write_config(tmp / ENSEMBLE, ensemble_config(config, names))
+    (tmp / ENSEMBLE / "1").mkdir()
+    (tmp / MODEL_INFO).write_text(json.dumps({"flavour": flavour, "precision": precision, "artifacts": str(art.dir),
+                                              "source": art.manifest["source"], "modalities": names}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def validate(repo: str | Path) -> dict[str, mc.ModelConfig]:
+    """Parse every config.pbtxt with Triton's ModelConfig protobuf; check names and ensemble steps."""
+    repo = Path(repo)
+    configs = {}
+    for path in sorted(repo.glob("*/config.pbtxt")):
+        try:
+            cfg = text_format.Parse(path.read_text(), mc.ModelConfig())
+        except text_format.ParseError as e:
+            raise ArtifactError(f"{path}: not a valid Triton ModelConfig ({e})") from e
+        if cfg.name != path.parent.name:
+            raise ArtifactError(f"{path}: name {cfg.name!r} differs from its folder")
+        configs[cfg.name] = cfg
+    for cfg in configs.values():
+        for s in cfg.ensemble_scheduling.step:
+            if s.model_name not in configs:
+                raise ArtifactError(f"{repo}/{cfg.name}: step model {s.model_name!r} is not in the repository")
+    return configs
