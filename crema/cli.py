@@ -254,7 +254,7 @@ def cmd_train_demo(args) -> None:
     shipped = DEMO_CHECKPOINT / "metrics.json"
     if shipped.is_file() and Path(args.out).resolve() != DEMO_CHECKPOINT:
         ref = json.loads(shipped.read_text())
-        same = ref["settings"] == metrics["settings"]
+        same = ref["settings"] == json.loads(json.dumps(metrics["settings"]))  # tuples became lists
         diff = 100 * (metrics["accuracy"]["overall"] - ref["accuracy"]["overall"])
         print(f"shipped weights (reference/demo): overall {100 * ref['accuracy']['overall']:.1f}%; this run "
               f"{100 * metrics['accuracy']['overall']:.1f}% ({diff:+.1f} points"
@@ -278,15 +278,21 @@ def cmd_triton_repo(args) -> None:
 def cmd_serve(args) -> None:
     import signal
 
-    from triton_models.server import TritonServer
-    server = TritonServer(args.repo, binary=args.tritonserver, host=args.host, http_port=args.http_port,
-                          grpc_port=args.grpc_port, metrics_port=args.metrics_port, cache_mb=args.cache_mb,
-                          log=args.log)
+    from triton_models.server import ServerError, TritonServer
+    try:
+        server = TritonServer(args.repo, binary=args.tritonserver, host=args.host, http_port=args.http_port,
+                              grpc_port=args.grpc_port, metrics_port=args.metrics_port, cache_mb=args.cache_mb,
+                              log=args.log)
+    except ServerError as e:
+        raise SystemExit(f"error: {e}")
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(True))
     print(f"starting Triton on {args.repo} (log: {server.log_path or 'a temporary file'}) ...", flush=True)
-    server.start(timeout=args.timeout)
+    try:
+        server.start(timeout=args.timeout)
+    except ServerError as e:
+        raise SystemExit(f"error: {e}")
     e = server.endpoints
     print(f"ready: HTTP {e.http_url}  gRPC {e.grpc_url}  metrics {e.host}:{e.metrics}\n"
           f"ask:   crema ask --url {e.http_url} --video clip.mp4 --question \"...\"   (Ctrl-C stops the server)",
@@ -311,7 +317,7 @@ def cmd_ask(args) -> None:
         with CremaClient(args.url, args.protocol, timeout_s=args.timeout) as client:
             result = client.infer(tensors)
     except AskError as e:
-        print(f"error: the server refused the request: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(f"question: {args.question}")
     print(f"answer:   {result.answer}")

@@ -80,7 +80,7 @@ def tensors_from_files(question: str, video=None, depth=None, audio=None, pc=Non
 class CremaClient:
     def __init__(self, url: str, protocol: str = "http", model: str = ENSEMBLE, timeout_s: float = 300.0):
         self.module = _module(protocol)
-        self.protocol, self.model = protocol, model
+        self.protocol, self.model, self.url = protocol, model, url
         if protocol == "http":
             self.client = self.module.InferenceServerClient(url, connection_timeout=timeout_s,
                                                             network_timeout=timeout_s)
@@ -101,8 +101,13 @@ class CremaClient:
                 result = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
             else:
                 result = self.client.infer(self.model, inputs, outputs=outputs)
+        except OSError as e:
+            raise AskError(f"no Triton server answers at {self.url} ({self.protocol}): {e}") from e
         except Exception as e:  # InferenceServerException (either protocol) carries the server's message
-            raise AskError(getattr(e, "message", lambda: str(e))() or str(e)) from e
+            message = getattr(e, "message", lambda: str(e))() or str(e)
+            if "failed to connect" in message.lower() or "unavailable" in message.lower():
+                raise AskError(f"no Triton server answers at {self.url} ({self.protocol}): {message}") from e
+            raise AskError(f"the server refused the request: {message}") from e
         seconds = time.perf_counter() - start
         return AskResult(result.as_numpy("answer").reshape(-1)[0].decode(),
                          [float(x) for x in result.as_numpy("option_scores")], seconds)

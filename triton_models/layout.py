@@ -2,7 +2,7 @@
 every python model process loads this)."""
 
 ENSEMBLE, PREPROCESS, LLM = "crema", "preprocess", "llm"
-LLM_STAGES = ("fuse_encode", "decoder_first", "decoder_step")  # run by the llm model through BLS
+LLM_STAGES = ("fuse_encode", "decoder_first", "decoder_step")  # run by the llm model (in it, or through BLS)
 MODEL_INFO = "crema.json"  # next to each python model: the stage and the CREMA config it serves
 
 # (name, dtype, dims, optional) of the ensemble's task options and outputs

@@ -3,8 +3,9 @@
 StageModel       one exported stage over ONNX Runtime (python flavour); batched stages concatenate
                  the requests the dynamic batcher hands over on the batch axis, run once, split
 PreprocessModel  raw request inputs -> each modality's model input (runtime.inputs, checks included)
-LlmModel         BLS: question + modality tokens -> fuse_encode -> decode loop over decoder_first /
-                 decoder_step (runtime.pipeline.decode_answers) -> answer text, mcqa option scores
+LlmModel         question + modality tokens -> fuse_encode -> decode loop over decoder_first /
+                 decoder_step (runtime.pipeline.decode_answers) -> answer text, mcqa option scores;
+                 the stages run in this process (python flavour) or as other models through BLS (native)
 
 A bad request gets an error response naming the problem; the model keeps serving the others.
 Only importable inside Triton's python backend stub (triton_python_backend_utils).
@@ -134,7 +135,12 @@ class LlmModel:
         self.config, self.answer_ids = info["config"], info["answer_ids"]
         self.names = [m.split("-")[0] for m in self.config["modalities"]]
         specs = stage_specs(self.config)
-        self.stages = {name: BlsStage(specs[name]) for name in LLM_STAGES}
+        if info["local_stages"]:  # python flavour: ONNX Runtime in this process
+            options = session_options(spin=False)
+            self.stages = {n: Stage(specs[n], version / f"{n}.onnx", options, ["CPUExecutionProvider"])
+                           for n in LLM_STAGES}
+        else:
+            self.stages = {n: BlsStage(specs[n]) for n in LLM_STAGES}
         self.tokenizer = QuestionTokenizer(version / TOKENIZER, self.config["max_txt_len"])
 
     def execute(self, requests: list) -> list:

@@ -6,10 +6,12 @@
       preprocess/1/model.py          python: video/depth/audio bytes, frames, points -> model inputs
       vision/1/model.onnx            one model per exported stage, its config read from the spec:
       mmqa_{m}/1/model.onnx            python flavour: + model.py (ONNX Runtime in the python backend)
-      audio_encoder/ fuse_encode/      native flavour: platform onnxruntime_onnx (or tensorrt_plan)
-      decoder_first/ decoder_step/
-      llm/1/model.py                 python BLS: tokenizer, fuse_encode and the decode loop over the
-                                     decoder models (runtime.pipeline.decode_answers)
+      audio_encoder/                   native flavour: platform onnxruntime_onnx (or tensorrt_plan)
+      fuse_encode/ decoder_first/    (native flavour only)
+      decoder_step/
+      llm/1/model.py                 python: tokenizer, fuse_encode and the decode loop over the decoder
+                                     (runtime.pipeline.decode_answers); python flavour: the three graphs in
+                                     llm/1/, run in its process; native: BLS calls to those models
       crema.json                     what was generated from what (config, source, precision, flavour)
 
 Every config.pbtxt is built as Triton's ModelConfig protobuf (tritonclient ships it) and written in
@@ -20,6 +22,7 @@ video skips them, and the batched ones (vision, audio_encoder, visual/audio mmqa
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -29,11 +32,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 from runtime.artifacts import TOKENIZER, ArtifactError, Artifacts
 from runtime.specs import VISUAL, StageSpec, TensorSpec
 
-from .layout import ANSWER_OUTPUTS, ENSEMBLE, LLM, MODEL_INFO, PREPROCESS, TASK_INPUTS
+from .layout import ANSWER_OUTPUTS, ENSEMBLE, LLM, LLM_STAGES, MODEL_INFO, PREPROCESS, TASK_INPUTS
 
 FLAVOURS = ("python", "native")
 DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32, "bytes": mc.TYPE_STRING}
-MAX_QUEUE_DELAY_US = 2000  # dynamic batcher: the visual modalities of one request arrive within this
+MAX_QUEUE_DELAY_US = 500  # dynamic batcher: the visual modalities of one request arrive within this
 PYTHON_MODEL = "from triton_models.python_models import {cls} as TritonPythonModel  # noqa: F401\n"
 
 
@@ -153,6 +156,21 @@ def write_config(directory: Path, cfg: mc.ModelConfig) -> None:
     (directory / "config.pbtxt").write_text(text_format.MessageToString(cfg))
 
 
+def _place(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows (graphs reach GBs; artifacts are never modified), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _place_graph(graph: Path, dst: Path) -> None:
+    _place(graph, dst)
+    weights = graph.with_name(graph.name + ".data")  # graphs over 2 GB: the file they name
+    if weights.is_file():
+        _place(weights, dst.parent / weights.name)
+
+
 def _python_model(directory: Path, cls: str, info: dict) -> None:
     version = directory / "1"
     version.mkdir(parents=True, exist_ok=True)
@@ -176,18 +194,36 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
         raise FileExistsError(f"{out}: exists and is not a repository written by `crema triton-repo`")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write(tmp, art, flavour, precision, instances, max_input_mb, trt_engines)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: int, max_input_mb: int,
+           trt_engines) -> None:
     config, names = art.config, art.modalities
     encoders = {"vision", "audio_encoder"} | {f"mmqa_{m}" for m in names}
+    # python flavour: the llm model runs the LLM stages in its own process (a BLS hop per decode
+    # step would copy the KV cache through shared memory twice a step); native: separate models
+    # on the GPU backends, called through BLS.
+    local = flavour == "python"
     for name, spec in art.specs.items():
+        if local and name in LLM_STAGES:
+            continue
         directory = tmp / name
         cfg = stage_config(spec, flavour, cache=name in encoders, instances=instances)
         plan = Path(trt_engines) / f"{name}.plan" if trt_engines else None
         (directory / "1").mkdir(parents=True)
         if plan is not None and plan.is_file():
             cfg.platform, cfg.default_model_filename = "tensorrt_plan", "model.plan"
-            shutil.copyfile(plan, directory / "1" / "model.plan")
+            _place(plan, directory / "1" / "model.plan")
         else:
-            shutil.copyfile(art.path(name, precision), directory / "1" / "model.onnx")
+            _place_graph(art.path(name, precision), directory / "1" / "model.onnx")
         if flavour == "python":
             _python_model(directory, "StageModel", {"stage": name, "config": config})
         write_config(directory, cfg)
@@ -197,15 +233,15 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
     _python_model(tmp / PREPROCESS, "PreprocessModel", {"config": config})
     write_config(tmp / LLM, python_config(LLM, llm_inputs(config, names), ANSWER_OUTPUTS, cache=False,
                                           instances=instances))
-    _python_model(tmp / LLM, "LlmModel", {"config": config, "answer_ids": art.manifest["answer_ids"]})
+    _python_model(tmp / LLM, "LlmModel", {"config": config, "answer_ids": art.manifest["answer_ids"],
+                                           "local_stages": local})
     shutil.copyfile(art.dir / TOKENIZER, tmp / LLM / "1" / TOKENIZER)
+    for name in LLM_STAGES if local else ():
+        _place_graph(art.path(name, precision), tmp / LLM / "1" / f"{name}.onnx")
     write_config(tmp / ENSEMBLE, ensemble_config(config, names))
     (tmp / ENSEMBLE / "1").mkdir()
     (tmp / MODEL_INFO).write_text(json.dumps({"flavour": flavour, "precision": precision, "artifacts": str(art.dir),
                                               "source": art.manifest["source"], "modalities": names}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
 
 
 def validate(repo: str | Path) -> dict[str, mc.ModelConfig]:

@@ -13,6 +13,7 @@ python process is gone; the ensemble is reloaded with it. Linux only (reads /pro
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -25,6 +26,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from .layout import MODEL_INFO
 
 
 class ServerError(RuntimeError):
@@ -134,6 +137,11 @@ class TritonServer:
         if not (self.repo / "crema" / "config.pbtxt").is_file():
             raise ServerError(f"{self.repo}: not a model repository (write one with `crema triton-repo`)")
         self.binary = Path(binary) if binary else None
+        info = self.repo / MODEL_INFO
+        if binary is None and info.is_file() and json.loads(info.read_text()).get("flavour") == "native":
+            raise ServerError(f"{self.repo}: a native-flavour repository (onnxruntime_onnx/tensorrt_plan models); "
+                              "the pip server has no such backends: serve it with NVIDIA's Triton container "
+                              "(docs/triton.md) or pass --tritonserver")
         self.endpoints = Endpoints(host, http_port or free_port(host), grpc_port or free_port(host),
                                    metrics_port or free_port(host))
         self.cache_mb, self.extra_args = cache_mb, list(extra_args or [])
