@@ -22,6 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -54,25 +56,39 @@ class Clip:
         self.questions = [q.question for q in questions if q.clip == folder.name]
 
 
+def distinct(folder: Path, rng: np.random.Generator) -> bool:
+    """Make a clip's modality images its own, or say it cannot be. Synthetic clips share some: the
+    normals image depends only on where the wall faces, and a still shape's flow is zero, so
+    Triton's per-modality response cache would serve them from another clip. A random depth scale
+    (changes normals) and offset (changes the depth image) per clip; clips with a still shape skipped."""
+    if json.loads((folder / "scene.json").read_text())["motion"] == "still":
+        return False
+    depth = np.load(folder / "depth.npy")
+    np.save(folder / "depth.npy", depth * rng.uniform(0.8, 1.25) + rng.uniform(0.0, 8.0))
+    return True
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
 
 
-def run(preset_name: str, clips: int, work: Path) -> dict:
+def run(preset_name: str, clips: int, work: Path, cores: int | None = None) -> dict:
     make_model, source = model_and_source(preset_name)
     artifacts = exported(make_model, work / f"artifacts-{preset_name}", source)
     pipeline = Pipeline(artifacts)
     config = pipeline.config
     n_latency, n_throughput = clips, 2 * max(clips, 4)
-    data = demo_data(work / f"clips-{preset_name}", n_latency + 2 * n_throughput + 1, seed=5, config=config)
+    need = n_latency + 2 * n_throughput + 1
+    data = demo_data(work / f"clips-{preset_name}", 2 * need, seed=5, config=config)
     questions = read_questions(data)
-    all_clips = [Clip(data / f"clip{i:05d}", config, questions) for i in range(n_latency + 2 * n_throughput + 1)]
+    folders = [f for f in sorted(data.glob("clip*")) if distinct(f, np.random.default_rng(int(f.name[4:])))]
+    all_clips = [Clip(f, config, questions) for f in folders[:need]]
     warm, latency_clips = all_clips[0], all_clips[1:1 + n_latency]
     serial_clips = all_clips[1 + n_latency:1 + n_latency + n_throughput]
     concurrent_clips = all_clips[1 + n_latency + n_throughput:]
-    repo = generate_repository(artifacts, work / f"repo-{preset_name}")
+    repo = generate_repository(artifacts, work / f"repo-{preset_name}", cores=cores)
 
     def local(clip: Clip, q: int = 0):
         return pipeline.answer([request_from_files(config, clip.questions[q], **clip.files)])[0].text
@@ -114,7 +130,7 @@ def run(preset_name: str, clips: int, work: Path) -> dict:
 
         rps1 = throughput(serial_clips, 1)
         rps4 = throughput(concurrent_clips, 4)
-    return {"preset": preset_name, "modalities": config["modalities"], "clips": n_latency,
+    return {"preset": preset_name, "modalities": config["modalities"], "clips": n_latency, "cores": cores,
             "median": median, "per_clip": rows,
             "triton_overhead": median["triton_first_s"] / median["in_process_s"] - 1,
             "repeat_speedup": median["triton_first_s"] / median["triton_repeat_s"],
@@ -129,7 +145,8 @@ def markdown(results: list[dict]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         m, t = r["median"], r["throughput"]
-        rows.append(f"| {r['preset']} ({'+'.join(r['modalities'])}) | {m['in_process_s'] * 1000:.1f} ms | "
+        limit = f", rate limit {r['cores']} cores" if r["cores"] else ""
+        rows.append(f"| {r['preset']} ({'+'.join(r['modalities'])}{limit}) | {m['in_process_s'] * 1000:.1f} ms | "
                     f"{m['triton_first_s'] * 1000:.1f} ms | {100 * r['triton_overhead']:+.0f}% | "
                     f"{m['triton_repeat_s'] * 1000:.1f} ms | {r['repeat_speedup']:.1f}x | "
                     f"{m['llm_alone_s'] * 1000:.1f} ms ({r['repeat_speedup_limit']:.1f}x) | "
@@ -141,13 +158,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", choices=["demo", "bench"], help="repeatable (default demo)")
     parser.add_argument("--clips", type=int, default=6, help="videos for the latency rows")
+    parser.add_argument("--cores", type=int, action="append", default=[],
+                        help="also run each preset with the repository rate-limited to N cores (repeatable)")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-triton")
     parser.add_argument("--out", type=Path, help="markdown table (and .json beside it)")
     args = parser.parse_args()
     results = []
     for name in args.preset or ["demo"]:
-        print(f"preset {name}:", flush=True)
-        results.append(run(name, args.clips, args.work))
+        for cores in [None, *args.cores]:
+            print(f"preset {name}{f', rate limit {cores} cores' if cores else ''}:", flush=True)
+            results.append(run(name, args.clips, args.work, cores))
     table = markdown(results)
     print(table)
     if args.out:

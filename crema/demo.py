@@ -4,8 +4,9 @@ Also `write_clip`, a plain test video (a red ball moving right) used by tests an
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
 import shutil
 import sys
 import time
@@ -58,11 +59,8 @@ def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED, triton: bool = Tr
     print(f"exported the demo model to {artifacts} (ONNX)")
     if precision != "fp32":
         from calibration.calibrate import calibrate
-        os.environ["TQDM_DISABLE"] = "1"  # calibration's progress bars: seconds here, noise in the demo's output
-        try:
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bars: seconds here, noise in the demo
             report = calibrate(artifacts, questions=60, eval_questions=60, log=lambda *a: None)
-        finally:
-            del os.environ["TQDM_DISABLE"]
         worst = min(s["cosine"] for s in report["stages"].values())
         print(f"calibrated INT8 graphs in {report['seconds']} s (lowest stage cosine to FP32: {worst:.4f}, "
               f"{report['end_to_end']['int8']['relative_accuracy']:.0%} of FP32's accuracy on 60 questions)")

@@ -62,20 +62,22 @@ def _check_frame_size(name: str, maps: np.ndarray, frames: np.ndarray | None) ->
                             f"{frames.shape[1]}x{frames.shape[2]}")
 
 
-def _bytes_to_file(data: bytes, folder: str, name: str, kinds: dict[bytes, str]) -> Path:
-    """Bytes -> a file OpenCV/numpy can open; the suffix comes from the leading magic bytes."""
+def _bytes_to_file(data: bytes, folder: str, name: str) -> Path:
+    """Bytes -> a file OpenCV/numpy can open. Depth's suffix comes from its magic bytes (numpy and
+    OpenCV pick the reader by suffix); a video's container is sniffed by OpenCV itself."""
     if not data:
-        raise ModalityError(f"{name}: empty")
-    suffix = next((s for magic, s in kinds.items() if data.startswith(magic)), None)
-    if suffix is None:
-        raise ModalityError(f"{name}: expected {' or '.join(kinds.values())} bytes")
+        raise ModalityError(f"{name} bytes: empty")
+    suffix = ".video"
+    if name == "depth":
+        suffix = next((s for magic, s in DEPTH_MAGIC.items() if data.startswith(magic)), None)
+        if suffix is None:
+            raise ModalityError("depth bytes: neither a .npy file nor a PNG")
     path = Path(folder) / f"{name}{suffix}"
     path.write_bytes(data)
     return path
 
 
-VIDEO_BYTES = {b"": ".video"}  # any container OpenCV's backend reads
-DEPTH_BYTES = {b"\x93NUMPY": ".npy", b"\x89PNG": ".png"}
+DEPTH_MAGIC = {b"\x93NUMPY": ".npy", b"\x89PNG": ".png"}
 
 
 def request_from_files(config: dict, question: str, video=None, depth=None, depth_model=None, audio=None,
@@ -86,9 +88,9 @@ def request_from_files(config: dict, question: str, video=None, depth=None, dept
     with tempfile.TemporaryDirectory(prefix="crema-") as tmp:
         names = {}
         if isinstance(video, (bytes, bytearray)):
-            names[(video := _bytes_to_file(bytes(video), tmp, "video", VIDEO_BYTES))] = "video bytes"
+            names[(video := _bytes_to_file(bytes(video), tmp, "video"))] = "video bytes"
         if isinstance(depth, (bytes, bytearray)):
-            names[(depth := _bytes_to_file(bytes(depth), tmp, "depth", DEPTH_BYTES))] = "depth bytes"
+            names[(depth := _bytes_to_file(bytes(depth), tmp, "depth"))] = "depth bytes"
         try:
             return _request(config, question, video, depth, depth_model, audio, pc, frames)
         except ValueError as e:  # name what the caller sent, not our temporary file

@@ -60,3 +60,22 @@ def test_depth_of_the_wrong_size(files, tmp_path):
     np.savez(tmp_path / "bad.npz", points=np.zeros((2, 3)))
     with pytest.raises(ModalityError, match="expected arrays 'feat'"):
         request_from_files(_config(("pc",)), "Q?", pc=tmp_path / "bad.npz")
+
+
+def test_bytes_and_arrays_give_what_files_give(files):
+    """What a server receives (file bytes, arrays) builds the same request as the files."""
+    cfg = _config(("rgb", "depth", "flow", "norm", "audio"))
+    from_files = request_from_files(cfg, "Q?", video=files / "clip.mp4", depth=files / "depth.npy",
+                                    audio=files / "a.wav")
+    from_bytes = request_from_files(cfg, "Q?", video=(files / "clip.mp4").read_bytes(),
+                                    depth=(files / "depth.npy").read_bytes(), audio=(files / "a.wav").read_bytes())
+    for m in from_files.frames:
+        np.testing.assert_array_equal(from_bytes.frames[m], from_files.frames[m])
+    np.testing.assert_array_equal(from_bytes.audio, from_files.audio)
+    with np.load(files / "pc.npz") as pc:
+        arrays = request_from_files(_config(("rgb", "pc")), "Q?", video=files / "clip.mp4", pc=(pc["feat"], pc["coords"]))
+    assert arrays.pc_feat.shape == (7, preset("tiny").feature_dim) and arrays.pc_coords.dtype == np.int64
+    with pytest.raises(ModalityError, match="depth bytes: neither a .npy file nor a PNG"):
+        request_from_files(cfg, "Q?", video=files / "clip.mp4", depth=b"GIF89a...", audio=files / "a.wav")
+    with pytest.raises(ValueError, match="^video bytes: not a video"):
+        request_from_files(cfg, "Q?", video=b"\x00" * 64, depth=files / "depth.npy", audio=files / "a.wav")

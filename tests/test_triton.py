@@ -87,6 +87,15 @@ def test_generated_configs_parse_as_triton_model_configs(setup, tmp_path):
             assert not (native / name / "1" / "model.py").exists()
 
 
+def test_rate_limited_repository(setup, tmp_path):
+    repo = generate_repository(setup["artifacts"], tmp_path / "repo", cores=2)
+    configs = validate(repo)
+    for name, cfg in configs.items():
+        limits = [(r.name, r.count) for g in cfg.instance_group for r in g.rate_limiter.resources]
+        assert limits == ([] if name == "crema" else [("cpu", 2)]), name
+    assert "--rate-limit" in TritonServer(repo).command(None)
+
+
 def test_int8_repository_needs_calibrated_artifacts(setup, tmp_path):
     with pytest.raises(ValueError, match="no INT8 graphs"):
         generate_repository(setup["artifacts"], tmp_path / "repo", precision="int8")

@@ -40,8 +40,8 @@ def _input(request, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
-def _bytes(request, name: str) -> bytes | None:
-    x = _input(request, name)
+def _blob(x: np.ndarray | None) -> bytes | None:
+    """A BYTES tensor of one element -> its bytes."""
     return None if x is None else bytes(x.reshape(-1)[0])
 
 
@@ -95,7 +95,7 @@ class PreprocessModel:
     def preprocess(self, r) -> dict:
         raw = {n: _input(r, n) for n in ("video", "depth", "audio", "pc_feat", "pc_coords")}
         frames = {m: x for m in self.names if m in VISUAL and (x := _input(r, f"{m}_frames")) is not None}
-        size = sum(x.nbytes if x.dtype != object else len(x.reshape(-1)[0]) for x in [*raw.values(), *frames.values()]
+        size = sum(len(_blob(x)) if x.dtype == object else x.nbytes for x in [*raw.values(), *frames.values()]
                    if x is not None)
         if size > self.max_bytes:
             raise RequestError(f"request inputs: {size} bytes, over this server's limit of {self.max_bytes} "
@@ -103,8 +103,8 @@ class PreprocessModel:
         pc = None
         if raw["pc_feat"] is not None and raw["pc_coords"] is not None:
             pc = (raw["pc_feat"], raw["pc_coords"])
-        request = request_from_files(self.config, "", video=_bytes(r, "video"), depth=_bytes(r, "depth"),
-                                     audio=_bytes(r, "audio"), pc=pc, frames=frames)
+        request = request_from_files(self.config, "", video=_blob(raw["video"]), depth=_blob(raw["depth"]),
+                                     audio=_blob(raw["audio"]), pc=pc, frames=frames)
         check_inputs(self.config, request)
         out = {f"{m}_pixels": request.frames[m] for m in self.names if m in VISUAL}
         if request.audio is not None:
@@ -147,7 +147,7 @@ class LlmModel:
         return _respond(requests, self.answer)
 
     def question(self, r) -> str:
-        data = _bytes(r, "question")
+        data = _blob(_input(r, "question"))
         if data is None:
             raise RequestError("question: missing")
         if len(data) > MAX_QUESTION_BYTES:
@@ -170,7 +170,7 @@ class LlmModel:
 
     def answer(self, r) -> dict:
         options = {name: _input(r, name) for name, *_ in TASK_INPUTS}
-        overrides = {k: (bytes(v.reshape(-1)[0]).decode() if v.dtype == object else int(v.reshape(-1)[0]))
+        overrides = {k: (_blob(v).decode(errors="replace") if v.dtype == object else int(v.reshape(-1)[0]))
                      for k, v in options.items() if v is not None}
         g = generation_settings(self.config, **overrides)
         hidden, mask = fuse_encode(self.stages["fuse_encode"], self.tokenizer, self.tokens(r), [self.question(r)])

@@ -179,11 +179,14 @@ def _python_model(directory: Path, cls: str, info: dict) -> None:
 
 
 def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "python", precision: str = "fp32",
-                        instances: int = 1, max_input_mb: int = 64, trt_engines: str | Path | None = None) -> Path:
+                        instances: int = 1, max_input_mb: int = 64, trt_engines: str | Path | None = None,
+                        cores: int | None = None) -> Path:
     """Write the repository (atomically: a temp folder renamed into place); returns its path.
 
     trt_engines: native flavour only, a folder of `{stage}.plan` (crema build-trt); those stages
-    become tensorrt_plan models, the rest onnxruntime_onnx."""
+    become tensorrt_plan models, the rest onnxruntime_onnx.
+    cores: CPU hosts: each model instance needs this many of the server's cores to run (Triton's
+    rate limiter), so concurrent requests do not run several multi-threaded stages at once."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
     if trt_engines and flavour != "native":
@@ -195,7 +198,7 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(tmp, art, flavour, precision, instances, max_input_mb, trt_engines)
+        _write(tmp, art, flavour, precision, instances, max_input_mb, trt_engines, cores)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -205,43 +208,48 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
 
 
 def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: int, max_input_mb: int,
-           trt_engines) -> None:
+           trt_engines, cores: int | None) -> None:
     config, names = art.config, art.modalities
     encoders = {"vision", "audio_encoder"} | {f"mmqa_{m}" for m in names}
     # python flavour: the llm model runs the LLM stages in its own process (a BLS hop per decode
     # step would copy the KV cache through shared memory twice a step); native: separate models
     # on the GPU backends, called through BLS.
     local = flavour == "python"
+    configs: dict[str, mc.ModelConfig] = {}
     for name, spec in art.specs.items():
         if local and name in LLM_STAGES:
             continue
-        directory = tmp / name
-        cfg = stage_config(spec, flavour, cache=name in encoders, instances=instances)
+        version = tmp / name / "1"
+        version.mkdir(parents=True)
+        cfg = configs[name] = stage_config(spec, flavour, cache=name in encoders, instances=instances)
         plan = Path(trt_engines) / f"{name}.plan" if trt_engines else None
-        (directory / "1").mkdir(parents=True)
         if plan is not None and plan.is_file():
             cfg.platform, cfg.default_model_filename = "tensorrt_plan", "model.plan"
-            _place(plan, directory / "1" / "model.plan")
+            _place(plan, version / "model.plan")
         else:
-            _place_graph(art.path(name, precision), directory / "1" / "model.onnx")
+            _place_graph(art.path(name, precision), version / "model.onnx")
         if flavour == "python":
-            _python_model(directory, "StageModel", {"stage": name, "config": config})
-        write_config(directory, cfg)
+            _python_model(tmp / name, "StageModel", {"stage": name, "config": config})
     pre_in, pre_out = preprocess_io(config, names)
-    write_config(tmp / PREPROCESS, python_config(PREPROCESS, pre_in, pre_out, cache=True, instances=instances,
-                                                 parameters={"max_input_bytes": str(max_input_mb << 20)}))
+    configs[PREPROCESS] = python_config(PREPROCESS, pre_in, pre_out, cache=True, instances=instances,
+                                        parameters={"max_input_bytes": str(max_input_mb << 20)})
     _python_model(tmp / PREPROCESS, "PreprocessModel", {"config": config})
-    write_config(tmp / LLM, python_config(LLM, llm_inputs(config, names), ANSWER_OUTPUTS, cache=False,
-                                          instances=instances))
+    configs[LLM] = python_config(LLM, llm_inputs(config, names), ANSWER_OUTPUTS, cache=False, instances=instances)
     _python_model(tmp / LLM, "LlmModel", {"config": config, "answer_ids": art.manifest["answer_ids"],
                                            "local_stages": local})
     shutil.copyfile(art.dir / TOKENIZER, tmp / LLM / "1" / TOKENIZER)
     for name in LLM_STAGES if local else ():
         _place_graph(art.path(name, precision), tmp / LLM / "1" / f"{name}.onnx")
-    write_config(tmp / ENSEMBLE, ensemble_config(config, names))
-    (tmp / ENSEMBLE / "1").mkdir()
+    if cores:  # Triton's rate limiter: instances run only while `cores` CPU cores are free for them
+        for cfg in configs.values():
+            cfg.instance_group[0].rate_limiter.resources.add(name="cpu", count=cores)
+    configs[ENSEMBLE] = ensemble_config(config, names)
+    (tmp / ENSEMBLE / "1").mkdir(parents=True)
+    for name, cfg in configs.items():
+        write_config(tmp / name, cfg)
     (tmp / MODEL_INFO).write_text(json.dumps({"flavour": flavour, "precision": precision, "artifacts": str(art.dir),
-                                              "source": art.manifest["source"], "modalities": names}, indent=2))
+                                              "source": art.manifest["source"], "modalities": names,
+                                              "rate_limit_cores": cores}, indent=2))
 
 
 def validate(repo: str | Path) -> dict[str, mc.ModelConfig]:

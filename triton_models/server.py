@@ -138,7 +138,8 @@ class TritonServer:
             raise ServerError(f"{self.repo}: not a model repository (write one with `crema triton-repo`)")
         self.binary = Path(binary) if binary else None
         info = self.repo / MODEL_INFO
-        if binary is None and info.is_file() and json.loads(info.read_text()).get("flavour") == "native":
+        self.info = json.loads(info.read_text()) if info.is_file() else {}
+        if binary is None and self.info.get("flavour") == "native":
             raise ServerError(f"{self.repo}: a native-flavour repository (onnxruntime_onnx/tensorrt_plan models); "
                               "the pip server has no such backends: serve it with NVIDIA's Triton container "
                               "(docs/triton.md) or pass --tritonserver")
@@ -161,6 +162,8 @@ class TritonServer:
                "--model-control-mode", "explicit", "--load-model", "*",  # explicit: the watchdog reloads
                "--exit-on-error", "true", "--strict-readiness", "true",
                "--exit-timeout-secs", "10"]  # on SIGTERM: in-flight requests finish; idle keep-alive connections do not hold it
+        if self.info.get("rate_limit_cores"):  # resources default to the largest any instance asks for
+            cmd += ["--rate-limit", "execution_count"]
         if backends is not None:
             cmd += ["--backend-directory", str(backends), "--cache-directory", str(self.binary.parent.parent / "caches")]
         return cmd + self.extra_args
