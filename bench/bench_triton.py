@@ -31,6 +31,7 @@ from bench.bench_pipeline import exported  # noqa: E402
 from reference.config import preset  # noqa: E402
 from runtime.inputs import request_from_files  # noqa: E402
 from runtime.pipeline import Pipeline, decode_answers, fuse_encode  # noqa: E402
+from runtime.specs import modality_names  # noqa: E402
 from synthetic.generator import clip_files, read_questions  # noqa: E402
 from training.demo import demo_data  # noqa: E402
 from triton_models.client import CremaClient, tensors_from_files  # noqa: E402
@@ -51,7 +52,7 @@ class Clip:
     """One generated clip: its files (those the model needs) and its questions."""
 
     def __init__(self, folder: Path, config: dict, questions: list):
-        names = [m.split("-")[0] for m in config["modalities"]]
+        names = modality_names(config)
         self.files = {k: v for k, v in clip_files(folder).items() if any(m in names for m in NEEDS[k])}
         self.questions = [q.question for q in questions if q.clip == folder.name]
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .specs import StageSpec, stage_specs
+from .specs import StageSpec, modality_names, stage_specs
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -111,4 +111,4 @@ class Artifacts:
 
     @property
     def modalities(self) -> list[str]:
-        return [m.split("-")[0] for m in self.config["modalities"]]
+        return modality_names(self.config)

@@ -24,9 +24,8 @@ from .audio import audio_clips, read_audio
 from .modalities import (DepthEstimator, ModalityError, depth_to_rgb, flow_frames, normals_from_depth,
                          normals_to_rgb, read_depth)
 from .pipeline import Request
+from .specs import VISUAL, modality_names
 from .video import decode_frames, decode_with_successors, normalize_frames, uniform_indices
-
-VISUAL = ("rgb", "depth", "flow", "norm")
 
 
 def _depth_maps(source, n: int, frames: np.ndarray | None, depth_model) -> np.ndarray:
@@ -118,7 +117,7 @@ def _points(pc) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _request(config: dict, question: str, video, depth, depth_model, audio, pc, frames) -> Request:
-    names = [m.split("-")[0] for m in config["modalities"]]
+    names = modality_names(config)
     t, size = config["frame_num"], config["vision"]["image_size"]
     frames = dict(frames or {})
     for m in frames:

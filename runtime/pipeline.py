@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from . import decoding
 from .artifacts import TOKENIZER, ArtifactError, Artifacts
-from .specs import VISUAL, StageSpec
+from .specs import VISUAL, StageSpec, modality_names
 from .text import QuestionTokenizer
 
 LETTERS = "ABCDE"
@@ -188,13 +188,13 @@ def check_requests(config: dict, requests: list[Request]) -> None:
         if not isinstance(r.question, str) or not r.question.strip():
             raise RequestError(f"requests[{i}].question: empty question")
         check_inputs(config, r, f"requests[{i}].")
-    if "audio" in _names(config) and len({r.audio.shape[0] for r in requests}) > 1:
+    if "audio" in modality_names(config) and len({r.audio.shape[0] for r in requests}) > 1:
         raise RequestError("audio: requests in one batch must have the same number of clips")
 
 
 def check_inputs(config: dict, r: Request, where: str = "") -> None:
     """One request's modality inputs (not its question)."""
-    names = _names(config)
+    names = modality_names(config)
     visual = [m for m in names if m in VISUAL]
     size, t = config["vision"]["image_size"], config["frame_num"]
     for m in r.frames:
@@ -229,10 +229,6 @@ def check_inputs(config: dict, r: Request, where: str = "") -> None:
         if r.pc_coords.min() < 0 or r.pc_coords.max() >= config["pc_grid"]:
             raise RequestError(f"{where}pc_coords: voxel coordinates must lie in [0, {config['pc_grid']})")
         _finite(r.pc_feat, f"{where}pc_feat")
-
-
-def _names(config: dict) -> list[str]:
-    return [m.split("-")[0] for m in config["modalities"]]
 
 
 TASKS = ("oeqa", "mcqa")

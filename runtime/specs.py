@@ -55,7 +55,8 @@ class StageSpec:
         return [t.name for t in self.outputs]
 
 
-def _names(cfg: dict) -> list[str]:
+def modality_names(cfg: dict) -> list[str]:
+    """The configured modalities without CREMA's `-skip` suffix, in order."""
     return [m.split("-")[0] for m in cfg["modalities"]]
 
 
@@ -78,7 +79,7 @@ def stage_specs(cfg: dict) -> dict[str, StageSpec]:
     """Every stage the configured modalities need, keyed by name, in pipeline order."""
     f32, i64 = "float32", "int64"
     v, t5, a = cfg["vision"], cfg["t5"], cfg["audio"]
-    names = _names(cfg)
+    names = modality_names(cfg)
     dv = v["hidden_size"]
     nq, d = cfg["num_query_token"], t5["d_model"]
     lv = (v["image_size"] // v["patch_size"]) ** 2 + 1

@@ -22,7 +22,7 @@ from runtime.artifacts import TOKENIZER
 from runtime.inputs import request_from_files
 from runtime.pipeline import (RequestError, Stage, check_inputs, decode_answers, fuse_encode,
                               generation_settings, session_options)
-from runtime.specs import VISUAL, StageSpec, stage_specs
+from runtime.specs import VISUAL, StageSpec, modality_names, stage_specs
 from runtime.text import QuestionTokenizer
 
 from .layout import LLM_STAGES, MODEL_INFO, TASK_INPUTS
@@ -85,7 +85,7 @@ class PreprocessModel:
     def initialize(self, args: dict) -> None:
         _, info = _model_info(args)
         self.config = info["config"]
-        self.names = [m.split("-")[0] for m in self.config["modalities"]]
+        self.names = modality_names(self.config)
         params = json.loads(args["model_config"]).get("parameters", {})
         self.max_bytes = int(params.get("max_input_bytes", {}).get("string_value", 64 << 20))
 
@@ -133,7 +133,7 @@ class LlmModel:
     def initialize(self, args: dict) -> None:
         version, info = _model_info(args)
         self.config, self.answer_ids = info["config"], info["answer_ids"]
-        self.names = [m.split("-")[0] for m in self.config["modalities"]]
+        self.names = modality_names(self.config)
         specs = stage_specs(self.config)
         if info["local_stages"]:  # python flavour: ONNX Runtime in this process
             options = session_options(spin=False)
