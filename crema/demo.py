@@ -48,7 +48,7 @@ def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED, triton: bool = Tr
     back to FP32 when the INT8 graphs miss DESIGN §5's fidelity bounds."""
     from export.onnx_export import export_artifacts
     from reference.weights import DEMO_SOURCE, demo_model
-    from synthetic.generator import read_questions
+    from synthetic.generator import clip_files, read_questions
     from training.demo import demo_data
 
     model = demo_model()
@@ -69,9 +69,15 @@ def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED, triton: bool = Tr
             precision = "fp32"
     questions = read_questions(data)
     if not triton:
+        from runtime.inputs import request_from_files
         from runtime.pipeline import Pipeline
-        return _ask_all(data, questions, InProcess(Pipeline(artifacts, precision=precision)), "ONNX Runtime in process")
-    from triton_models.client import CremaClient
+        pipeline = Pipeline(artifacts, precision=precision)
+
+        def in_process(folder: Path, question: str) -> str:
+            request = request_from_files(pipeline.config, question, **clip_files(folder))
+            return pipeline.answer([request])[0].text
+        return _ask_all(data, questions, in_process, f"ONNX Runtime in process, {precision}")
+    from triton_models.client import CremaClient, tensors_from_files
     from triton_models.repository import generate_repository
     from triton_models.server import TritonServer
     repo = generate_repository(artifacts, out / "repository", flavour="python", precision=precision)
@@ -81,30 +87,11 @@ def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED, triton: bool = Tr
         print(f"Triton ready in {time.perf_counter() - start:.1f} s: HTTP {server.endpoints.http_url}, "
               f"gRPC {server.endpoints.grpc_url}")
         with CremaClient(server.endpoints.http_url) as client:
-            wrong = _ask_all(data, questions, ViaTriton(client), f"Triton HTTP, {precision}")
+            def via_triton(folder: Path, question: str) -> str:
+                return client.infer(tensors_from_files(question, **clip_files(folder))).answer
+            wrong = _ask_all(data, questions, via_triton, f"Triton HTTP, {precision}")
     print("server stopped")
     return wrong
-
-
-class InProcess:
-    def __init__(self, pipeline):
-        self.pipeline = pipeline
-
-    def __call__(self, folder: Path, question: str) -> str:
-        from runtime.inputs import request_from_files
-        from synthetic.generator import clip_files
-        request = request_from_files(self.pipeline.config, question, **clip_files(folder))
-        return self.pipeline.answer([request])[0].text
-
-
-class ViaTriton:
-    def __init__(self, client):
-        self.client = client
-
-    def __call__(self, folder: Path, question: str) -> str:
-        from synthetic.generator import clip_files
-        from triton_models.client import tensors_from_files
-        return self.client.infer(tensors_from_files(question, **clip_files(folder))).answer
 
 
 def _ask_all(data: Path, questions: list, ask, how: str) -> int:
