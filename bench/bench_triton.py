@@ -31,6 +31,7 @@ from bench.bench_pipeline import exported  # noqa: E402
 from reference.config import preset  # noqa: E402
 from runtime.inputs import request_from_files  # noqa: E402
 from runtime.pipeline import Pipeline, decode_answers, fuse_encode  # noqa: E402
+from runtime.artifacts import Artifacts  # noqa: E402
 from runtime.specs import modality_names  # noqa: E402
 from synthetic.generator import clip_files, read_questions  # noqa: E402
 from training.demo import demo_data  # noqa: E402
@@ -75,10 +76,13 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run(preset_name: str, clips: int, work: Path, cores: int | None = None) -> dict:
+def run(preset_name: str, clips: int, work: Path, cores: int | None = None, precision: str = "fp32") -> dict:
     make_model, source = model_and_source(preset_name)
     artifacts = exported(make_model, work / f"artifacts-{preset_name}", source)
-    pipeline = Pipeline(artifacts)
+    if precision != "fp32" and "int8" not in Artifacts(artifacts).manifest:
+        from calibration.calibrate import calibrate  # few calls: speed, not fidelity (bench_int8.py)
+        calibrate(artifacts, questions=8, eval_questions=2, max_feeds=3)
+    pipeline = Pipeline(artifacts, precision=precision)
     config = pipeline.config
     n_latency, n_throughput = clips, 2 * max(clips, 4)
     need = n_latency + 2 * n_throughput + 1
@@ -89,7 +93,7 @@ def run(preset_name: str, clips: int, work: Path, cores: int | None = None) -> d
     warm, latency_clips = all_clips[0], all_clips[1:1 + n_latency]
     serial_clips = all_clips[1 + n_latency:1 + n_latency + n_throughput]
     concurrent_clips = all_clips[1 + n_latency + n_throughput:]
-    repo = generate_repository(artifacts, work / f"repo-{preset_name}", cores=cores)
+    repo = generate_repository(artifacts, work / f"repo-{preset_name}", cores=cores, precision=precision)
 
     def local(clip: Clip, q: int = 0):
         return pipeline.answer([request_from_files(config, clip.questions[q], **clip.files)])[0].text
@@ -131,7 +135,7 @@ def run(preset_name: str, clips: int, work: Path, cores: int | None = None) -> d
 
         rps1 = throughput(serial_clips, 1)
         rps4 = throughput(concurrent_clips, 4)
-    return {"preset": preset_name, "modalities": config["modalities"], "clips": n_latency, "cores": cores,
+    return {"preset": preset_name, "modalities": config["modalities"], "clips": n_latency, "cores": cores, "precision": precision,
             "median": median, "per_clip": rows,
             "triton_overhead": median["triton_first_s"] / median["in_process_s"] - 1,
             "repeat_speedup": median["triton_first_s"] / median["triton_repeat_s"],
@@ -146,7 +150,8 @@ def markdown(results: list[dict]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         m, t = r["median"], r["throughput"]
-        limit = f", rate limit {r['cores']} cores" if r["cores"] else ""
+        limit = (f", rate limit {r['cores']} cores" if r["cores"] else "") + (
+            f", {r['precision'].upper()}" if r.get("precision", "fp32") != "fp32" else "")
         rows.append(f"| {r['preset']} ({'+'.join(r['modalities'])}{limit}) | {m['in_process_s'] * 1000:.1f} ms | "
                     f"{m['triton_first_s'] * 1000:.1f} ms | {100 * r['triton_overhead']:+.0f}% | "
                     f"{m['triton_repeat_s'] * 1000:.1f} ms | {r['repeat_speedup']:.1f}x | "
@@ -161,6 +166,8 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=6, help="videos for the latency rows")
     parser.add_argument("--cores", type=int, action="append", default=[],
                         help="also run each preset with the repository rate-limited to N cores (repeatable)")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
+                        help="int8: calibrate the artifacts first if needed (few calls: a speed measurement)")
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-triton")
     parser.add_argument("--out", type=Path, help="markdown table (and .json beside it)")
     args = parser.parse_args()
@@ -168,7 +175,7 @@ def main() -> None:
     for name in args.preset or ["demo"]:
         for cores in [None, *args.cores]:
             print(f"preset {name}{f', rate limit {cores} cores' if cores else ''}:", flush=True)
-            results.append(run(name, args.clips, args.work, cores))
+            results.append(run(name, args.clips, args.work, cores, args.precision))
     table = markdown(results)
     print(table)
     if args.out:
