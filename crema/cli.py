@@ -142,11 +142,11 @@ def read_request(args, config: dict):
                               depth_model=args.depth_model, audio=args.audio, pc=args.pc, frames=frames)
 
 
-def _print_answer(question: str, answer, seconds: float, how: str) -> None:
+def _print_answer(question: str, text: str, option_scores, seconds: float, how: str) -> None:
     print(f"question: {question}")
-    print(f"answer:   {answer.text}")
-    if answer.option_scores is not None:
-        print("scores:   " + "  ".join(f"{l}={s:.3f}" for l, s in zip("ABCDE", answer.option_scores)))
+    print(f"answer:   {text}")
+    if option_scores:
+        print("scores:   " + "  ".join(f"{l}={s:.3f}" for l, s in zip("ABCDE", option_scores)))
     print(f"({seconds:.2f} s, {how})", file=sys.stderr)
 
 
@@ -159,7 +159,8 @@ def cmd_run(args) -> None:
         start = time.perf_counter()
         answer = pipeline.answer([request], num_beams=args.beams, max_new_tokens=args.max_new_tokens)[0]
         note = ", random preset weights" if _random_weights(pipeline.artifacts.manifest["source"]) else ""
-        _print_answer(args.question, answer, time.perf_counter() - start, f"ONNX Runtime {args.precision}{note}")
+        _print_answer(args.question, answer.text, answer.option_scores, time.perf_counter() - start,
+                      f"ONNX Runtime {args.precision}{note}")
         return
     import torch
 
@@ -173,7 +174,8 @@ def cmd_run(args) -> None:
     overrides = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
     answer = model.generate(inputs, **overrides)[0]
     note = f", preset {args.preset!r}: seeded random weights, not a trained model" if _random_weights(vars(args)) else ""
-    _print_answer(args.question, answer, time.perf_counter() - start, f"PyTorch reference{note}")
+    _print_answer(args.question, answer.text, answer.option_scores, time.perf_counter() - start,
+                  f"PyTorch reference{note}")
 
 
 def _random_weights(source: dict) -> bool:
@@ -320,11 +322,7 @@ def cmd_ask(args) -> None:
     except AskError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    print(f"question: {args.question}")
-    print(f"answer:   {result.answer}")
-    if result.option_scores:
-        print("scores:   " + "  ".join(f"{l}={s:.3f}" for l, s in zip("ABCDE", result.option_scores)))
-    print(f"({result.seconds * 1000:.0f} ms, Triton {args.protocol} {args.url})", file=sys.stderr)
+    _print_answer(args.question, result.answer, result.option_scores, result.seconds, f"Triton {args.protocol} {args.url}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,7 +104,7 @@ class CremaClient:
         except OSError as e:
             raise AskError(f"no Triton server answers at {self.url} ({self.protocol}): {e}") from e
         except Exception as e:  # InferenceServerException (either protocol) carries the server's message
-            message = getattr(e, "message", lambda: str(e))() or str(e)
+            message = (e.message() if hasattr(e, "message") else "") or str(e)
             if "failed to connect" in message.lower() or "unavailable" in message.lower():
                 raise AskError(f"no Triton server answers at {self.url} ({self.protocol}): {message}") from e
             raise AskError(f"the server refused the request: {message}") from e

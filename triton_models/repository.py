@@ -237,7 +237,7 @@ def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: i
     configs[LLM] = python_config(LLM, llm_inputs(config, names), ANSWER_OUTPUTS, cache=False, instances=instances)
     _python_model(tmp / LLM, "LlmModel", {"config": config, "answer_ids": art.manifest["answer_ids"],
                                            "local_stages": local})
-    shutil.copyfile(art.dir / TOKENIZER, tmp / LLM / "1" / TOKENIZER)
+    _place(art.dir / TOKENIZER, tmp / LLM / "1" / TOKENIZER)
     for name in LLM_STAGES if local else ():
         _place_graph(art.path(name, precision), tmp / LLM / "1" / f"{name}.onnx")
     if cores:  # Triton's rate limiter: instances run only while `cores` CPU cores are free for them

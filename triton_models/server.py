@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,11 +107,8 @@ class Watchdog(threading.Thread):
         self.halt = threading.Event()
         self.expected = self.counts()
 
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for model in python_stubs(self.server.process.pid).values():
-            out[model] = out.get(model, 0) + 1
-        return out
+    def counts(self) -> Counter:
+        return Counter(python_stubs(self.server.process.pid).values())
 
     def run(self) -> None:
         while not self.halt.wait(self.interval):
@@ -124,7 +122,7 @@ class Watchdog(threading.Thread):
                         self.log(f"watchdog: reloading {model} failed: {e}")
                         continue
                     self.restarts.append((model, time.monotonic() - start))
-                    self.log(f"watchdog: {model}'s python process died; reloaded in {time.monotonic() - start:.1f} s")
+                    self.log(f"watchdog: {model}'s python process died; reloaded in {self.restarts[-1][1]:.1f} s")
 
 
 class TritonServer:
@@ -132,7 +130,7 @@ class TritonServer:
 
     def __init__(self, repo: str | Path, binary: str | Path | None = None, host: str = "127.0.0.1",
                  http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0, cache_mb: int = 256,
-                 log: str | Path | None = None, extra_args: list[str] | None = None, supervise: bool = True):
+                 log: str | Path | None = None, supervise: bool = True):
         self.repo = Path(repo).resolve()
         if not (self.repo / "crema" / "config.pbtxt").is_file():
             raise ServerError(f"{self.repo}: not a model repository (write one with `crema triton-repo`)")
@@ -145,7 +143,7 @@ class TritonServer:
                               "(docs/triton.md) or pass --tritonserver")
         self.endpoints = Endpoints(host, http_port or free_port(host), grpc_port or free_port(host),
                                    metrics_port or free_port(host))
-        self.cache_mb, self.extra_args = cache_mb, list(extra_args or [])
+        self.cache_mb = cache_mb
         self.log_path = Path(log) if log else None
         self.process: subprocess.Popen | None = None
         self.supervise = supervise
@@ -166,7 +164,7 @@ class TritonServer:
             cmd += ["--rate-limit", "execution_count"]
         if backends is not None:
             cmd += ["--backend-directory", str(backends), "--cache-directory", str(self.binary.parent.parent / "caches")]
-        return cmd + self.extra_args
+        return cmd
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         env = dict(os.environ)
@@ -212,12 +210,16 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+                self._fail(f"tritonserver exited with code {self.process.returncode}")
             if self.ready():
                 return
             time.sleep(0.5)
+        self._fail(f"tritonserver was not ready after {timeout:.0f} s")
+
+    def _fail(self, why: str) -> None:
+        tail = self.log_tail()  # before stop() removes a temporary log
         self.stop()
-        raise ServerError(f"tritonserver was not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise ServerError(f"{why}:\n{tail}")
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.is_file():
@@ -231,8 +233,8 @@ class TritonServer:
             self.watchdog.join()
             self.watchdog = None
         p, self.process = self.process, None
-        code = None
-        if p is not None and p.poll() is None:
+        code = None if p is None else p.poll()
+        if p is not None and code is None:
             os.killpg(p.pid, signal.SIGTERM)
             try:
                 code = p.wait(timeout)
