@@ -4,12 +4,18 @@ manifest.json: {"format", "config", "source", "precision", "stages": [names], "f
 "answer_ids", "versions"} and, once `crema calibrate` ran, "int8": {"method", "stages": {stage:
 {"file", "mode", ...}}, "mixed": [stages that run INT8 under --precision mixed]}. The stage specs are
 rebuilt from "config" (runtime/specs.py), so the manifest cannot disagree with the code that reads it.
+
+Nothing in a manifest is trusted: its structure is checked key by key (ArtifactError naming the key),
+and every path it names ("files" keys, int8 "file" and "tensorrt_table") must be a relative POSIX
+path that stays inside the directory (no absolute path, no "..", no symlink out) and be listed in
+"files" with a sha256 hex digest, so everything loaded is hash-checked.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 from .specs import StageSpec, modality_names, stage_specs
 
@@ -21,6 +27,85 @@ PRECISIONS = ("fp32", "int8", "mixed")
 
 class ArtifactError(ValueError):
     """An artifact directory that is missing, corrupt or inconsistent; the message names the file."""
+
+
+DIGEST = re.compile(r"[0-9a-f]{64}")
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+              bool: "a boolean", type(None): "null"}
+REQUIRED = {"format": int, "config": dict, "source": dict, "precision": str, "stages": list, "files": dict,
+            "answer_ids": list, "versions": dict}
+
+
+def _json_type(value) -> str:
+    return JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _require(where: str, value, key: str, kind: type, label: str):
+    """value[key] of type `kind`, or an ArtifactError naming the key."""
+    if key not in value:
+        raise ArtifactError(f"{where}: no '{label}' key")
+    if not isinstance(value[key], kind) or kind is int and isinstance(value[key], bool):
+        raise ArtifactError(f"{where}: '{label}' is {_json_type(value[key])}, expected {JSON_TYPES[kind]}")
+    return value[key]
+
+
+def check_manifest(manifest, where: str) -> None:
+    """The manifest's structure: required keys and types, digests, the optional int8 section."""
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{where}: the JSON is {_json_type(manifest)}, expected an object")
+    if _require(where, manifest, "format", int, "format") != FORMAT:  # first: another format, other keys
+        raise ArtifactError(f"{where}: format {manifest['format']!r}, this runtime reads {FORMAT}")
+    for key, kind in REQUIRED.items():
+        _require(where, manifest, key, kind, key)
+    if not all(isinstance(x, str) for x in manifest["stages"]):
+        raise ArtifactError(f"{where}: 'stages' must list stage names (strings)")
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in manifest["answer_ids"]):
+        raise ArtifactError(f"{where}: 'answer_ids' must list token ids (integers)")
+    for name, digest in manifest["files"].items():
+        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+            raise ArtifactError(f"{where}: files[{name!r}] is {digest!r}, expected a sha256 hex digest")
+    if "int8" in manifest:
+        _check_int8(manifest["int8"], where)
+
+
+def _check_int8(int8, where: str) -> None:
+    if not isinstance(int8, dict):
+        raise ArtifactError(f"{where}: 'int8' is {_json_type(int8)}, expected an object")
+    stages = _require(where, int8, "stages", dict, "int8.stages")
+    mixed = _require(where, int8, "mixed", list, "int8.mixed")
+    for name, stage in stages.items():
+        if not isinstance(stage, dict):
+            raise ArtifactError(f"{where}: int8.stages[{name!r}] is {_json_type(stage)}, expected an object")
+        _require(where, stage, "file", str, f"int8.stages[{name!r}].file")
+        if "tensorrt_table" in stage:
+            _require(where, stage, "tensorrt_table", str, f"int8.stages[{name!r}].tensorrt_table")
+    if not all(isinstance(x, str) and x in stages for x in mixed):
+        raise ArtifactError(f"{where}: int8.mixed {mixed} must name stages of int8.stages")
+
+
+def named_paths(manifest: dict) -> dict[str, str]:
+    """Every path the manifest names -> where it names it."""
+    paths = {name: f"files[{name!r}]" for name in manifest["files"]}
+    for name, stage in manifest.get("int8", {}).get("stages", {}).items():
+        for key in ("file", "tensorrt_table"):
+            if key in stage:
+                paths.setdefault(stage[key], f"int8.stages[{name!r}].{key}")
+    return paths
+
+
+def safe_path(directory: Path, name: str, where: str) -> Path:
+    """directory / name, refused unless `name` is a relative POSIX path that stays inside `directory`
+    (no absolute path, no "..", no backslash, no symlink that leads out)."""
+    pure = PurePosixPath(name)
+    if not name or "\\" in name or pure.is_absolute() or ".." in pure.parts or pure.as_posix() != name:
+        raise ArtifactError(f"{where}: {name!r} is not a plain relative path inside the artifact directory")
+    path = directory / pure
+    root = directory.resolve()
+    if path.exists() or path.is_symlink():
+        target = path.resolve()
+        if target != root and root not in target.parents:
+            raise ArtifactError(f"{where}: {name!r} leads outside the artifact directory (to {target})")
+    return path
 
 
 def sha256(path: Path) -> str:
@@ -73,21 +158,35 @@ class Artifacts:
             raise ArtifactError(f"{path}: missing (not an artifact directory; create one with `crema export`)")
         try:
             self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{path}: not valid JSON ({e})") from e
-        if self.manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{path}: format {self.manifest.get('format')!r}, this runtime reads {FORMAT}")
+        check_manifest(self.manifest, str(path))
         self.config: dict = self.manifest["config"]
-        self.specs: dict[str, StageSpec] = stage_specs(self.config)
+        try:
+            self.specs: dict[str, StageSpec] = stage_specs(self.config)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise ArtifactError(f"{path}: 'config' is not a CREMA configuration ({type(e).__name__}: {e})") from e
         if list(self.specs) != self.manifest["stages"]:
             raise ArtifactError(f"{path}: stages {self.manifest['stages']} do not match the config's {list(self.specs)}")
-        for spec in self.specs.values():
-            if spec.file not in self.manifest["files"]:
-                raise ArtifactError(f"{path}: no entry for {spec.file}")
-        if TOKENIZER not in self.manifest["files"]:
-            raise ArtifactError(f"{path}: no entry for {TOKENIZER}")
+        self._check_files(path)
         if verify:
             self.verify()
+
+    def _check_files(self, path: Path) -> None:
+        """Every named path stays inside the directory and is hash-listed; every stage has its graph."""
+        files = self.manifest["files"]
+        for name, where in named_paths(self.manifest).items():
+            safe_path(self.dir, name, f"{path}: {where}")
+            if name not in files:
+                raise ArtifactError(f"{path}: {where} names {name!r}, which 'files' does not list with its sha256")
+        for spec in self.specs.values():
+            if spec.file not in files:
+                raise ArtifactError(f"{path}: no entry for {spec.file}")
+        if TOKENIZER not in files:
+            raise ArtifactError(f"{path}: no entry for {TOKENIZER}")
+        unknown = set(self.manifest.get("int8", {}).get("stages", {})) - set(self.specs)
+        if unknown:
+            raise ArtifactError(f"{path}: int8.stages names {sorted(unknown)}, not stages of the config")
 
     def verify(self) -> None:
         for name, digest in self.manifest["files"].items():

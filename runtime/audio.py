@@ -1,7 +1,9 @@
 """Audio for CREMA's BEATs path, torch-free: file or bytes -> normalised fbank clips.
 
 read_audio: soundfile decodes (WAV, FLAC, OGG), channels are averaged to mono and the signal is
-resampled to 16 kHz with soxr. audio_clips: kaldi fbank (kaldi-native-fbank, with the options of
+resampled to 16 kHz with soxr; with max_samples (runtime/inputs.py passes samples_needed: about
+10 s for 2 clips of 512 frames) only the start of the file is decoded, block by block, so a long
+or highly compressed file costs no more memory than a short one. audio_clips: kaldi fbank (kaldi-native-fbank, with the options of
 `torchaudio.compliance.kaldi.fbank` that CREMA uses), normalised (x - 15.41663) / (2 * 6.55582),
 zero-padded or cut to `num_clips` clips of `clip_frames` frames (CREMA's training-mode layout: a
 fixed shape for every request). Checked against reference/audio.py in tests/test_audio.py.
@@ -16,17 +18,33 @@ import numpy as np
 import soundfile
 import soxr
 
+from .files import InputFileError
+
 SAMPLE_RATE = 16000
 FBANK_MEAN, FBANK_STD = 15.41663, 6.55582
 MIN_SAMPLES = 400  # one 25 ms window at 16 kHz
 
 
-class AudioError(ValueError):
+class AudioError(InputFileError):
     """Audio that cannot be used; the message names the source and the reason."""
 
 
-def read_audio(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
-    """A sound file (path) or its bytes -> mono float32 samples in [-1, 1] at 16 kHz."""
+MAX_RATE = 768_000  # Hz; the highest rate audio hardware records (refuses absurd headers)
+MARGIN_SECONDS = 0.25  # read past what fbank needs, so resampling the part equals resampling the whole
+BLOCK_SAMPLES = 1 << 20  # samples per block read (all channels together): 4 MB of float32
+
+
+def samples_needed(num_clips: int, clip_frames: int) -> int:
+    """16 kHz samples that fill num_clips * clip_frames fbank frames (10 ms shift, one 25 ms window)."""
+    return (num_clips * clip_frames - 1) * 160 + MIN_SAMPLES
+
+
+def read_audio(source: str | Path | bytes, name: str | None = None, max_samples: int | None = None) -> np.ndarray:
+    """A sound file (path) or its bytes -> mono float32 samples in [-1, 1] at 16 kHz.
+
+    max_samples: decode only the start of the file that gives these many 16 kHz samples (plus
+    MARGIN_SECONDS, so they equal the first max_samples of the whole file's resampling); None: all.
+    """
     label = name or ("audio bytes" if isinstance(source, (bytes, bytearray)) else str(source))
     if isinstance(source, (bytes, bytearray)):
         if not source:
@@ -37,17 +55,31 @@ def read_audio(source: str | Path | bytes, name: str | None = None) -> np.ndarra
             raise AudioError(f"{label}: no such file")
         handle = str(source)
     try:
-        samples, rate = soundfile.read(handle, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{label}: not a sound file soundfile can decode ({e})") from e
-    mono = samples.mean(axis=1)
+        with soundfile.SoundFile(handle) as f:
+            rate = f.samplerate
+            if not 0 < rate <= MAX_RATE:
+                raise AudioError(f"{label}: sample rate {rate} Hz, expected 1 to {MAX_RATE} Hz")
+            frames = -1 if max_samples is None else -(-max_samples * rate // SAMPLE_RATE) + int(rate * MARGIN_SECONDS)
+            mono = _read_mono(f, frames)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:  # LibsndfileError names our BytesIO
+        raise AudioError(f"{label}: not a sound file soundfile can decode "
+                         f"({getattr(e, 'error_string', e)})") from e
     if rate != SAMPLE_RATE:
         mono = soxr.resample(mono, rate, SAMPLE_RATE).astype(np.float32)
+    if max_samples is not None:
+        mono = mono[:max_samples]
     if len(mono) < MIN_SAMPLES:
         raise AudioError(f"{label}: {len(mono)} samples at 16 kHz, shorter than one 25 ms fbank window")
     if not np.isfinite(mono).all():
         raise AudioError(f"{label}: contains NaN or infinite samples")
     return mono
+
+
+def _read_mono(f: soundfile.SoundFile, frames: int) -> np.ndarray:
+    """Up to `frames` frames (-1: all) from an open file, channels averaged block by block [n] float32."""
+    blocksize = max(1, BLOCK_SAMPLES // f.channels)
+    blocks = [b.mean(axis=1) for b in f.blocks(blocksize, frames=frames, dtype="float32", always_2d=True)]
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 def kaldi_fbank(samples: np.ndarray, num_mel_bins: int = 128) -> np.ndarray:

@@ -24,9 +24,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .files import (FRAME_PIXELS, MAX_NPY_BYTES, NPY_MAGIC, PNG_MAGIC, InputFileError, check_dimensions, fit_size,
+                    npy_header, png_size, read_npy)
+from .video import uniform_indices
 
-class ModalityError(ValueError):
-    """Input for a modality that cannot be used; the message names it."""
+
+class ModalityError(InputFileError):
+    """Input for a modality that cannot be used; the message names it (a ValueError)."""
 
 
 # --- optical flow ----------------------------------------------------------------------------
@@ -53,10 +57,22 @@ def _colour_wheel() -> np.ndarray:
 WHEEL = _colour_wheel()
 
 
+ROWS = 64  # rows per block in flow_to_rgb / normals_from_depth: float64 temporaries stay small
+
+
 def flow_to_rgb(flow: np.ndarray, min_scale: float = 1.0) -> np.ndarray:
+    """flow [H, W, 2] -> [H, W, 3] uint8, ROWS rows at a time (the same values as all at once)."""
+    radius = np.sqrt(flow[..., 0] ** 2 + flow[..., 1] ** 2)
+    scale = max(float(radius.max()), min_scale) if radius.size else min_scale
+    out = np.empty(flow.shape[:2] + (3,), np.uint8)
+    for r in range(0, flow.shape[0], ROWS):
+        out[r:r + ROWS] = _wheel_colour(flow[r:r + ROWS], radius[r:r + ROWS] / scale)
+    return out
+
+
+def _wheel_colour(flow: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Flow [h, W, 2] and its magnitude / max magnitude [h, W] -> Middlebury colours [h, W, 3] uint8."""
     u, v = flow[..., 0], flow[..., 1]
-    radius = np.sqrt(u ** 2 + v ** 2)
-    radius = radius / max(float(radius.max()), min_scale)
     angle = np.arctan2(-v, -u) / np.pi  # in [-1, 1]; rightward flow -> +-1 -> red
     position = (angle + 1) / 2 * (len(WHEEL) - 1)
     k0 = np.floor(position).astype(int)
@@ -74,24 +90,99 @@ def flow_frames(frames: np.ndarray, successors: np.ndarray) -> np.ndarray:
 
 # --- depth and normals -----------------------------------------------------------------------
 
-def read_depth(path: str | Path) -> np.ndarray:
-    """A depth map from .npy ([H, W] float) or a 16-bit PNG -> float32 [H, W]."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModalityError(f"{path}: no such depth file")
-    if path.suffix == ".npy":
-        depth = np.load(path, allow_pickle=False)
+def read_depth(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """One depth map, a .npy [H, W] or a (16-bit) single-channel PNG, path or bytes -> float32 [H', W'],
+    downscaled (INTER_AREA) to FRAME_PIXELS as video frames are, so a map at the video's size still
+    matches the decoded frames. Sizes are checked from the headers before anything is decoded."""
+    label = name or str(source)
+    kind = _depth_kind(source, label)
+    if kind == "npy":
+        head = _checked_npy(source, label)
+        if len(head.shape) != 2:
+            raise ModalityError(f"{label}: shape {head.shape}, expected [H, W]")
+        return _fit_depth(read_npy(source, label, MAX_NPY_BYTES), label)
+    return _fit_depth(_read_png(source, label), label)
+
+
+def read_depth_maps(source: str | Path | bytes, n: int, name: str | None = None) -> np.ndarray:
+    """n depth maps [n, H', W'] float32, sampled uniformly from a .npy [T', H, W] (only those maps
+    are loaded), a folder of per-frame .npy/.png maps, or one map ([H, W] .npy or PNG) repeated."""
+    label = name or str(source)
+    if not isinstance(source, (bytes, bytearray)) and Path(source).is_dir():
+        files = sorted(p for p in Path(source).iterdir() if p.suffix in (".npy", ".png"))
+        if not files:
+            raise ModalityError(f"{label}: no .npy or .png depth maps in the folder")
+        return np.stack([read_depth(files[i]) for i in uniform_indices(len(files), n)])
+    head = _checked_npy(source, label) if _depth_kind(source, label) == "npy" else None
+    if head is not None and len(head.shape) == 3:
+        total = head.shape[0]
+        if total == 0:
+            raise ModalityError(f"{label}: 0 depth maps in the array, expected [T, H, W] with T > 0")
+        return np.stack([_fit_depth(read_npy(source, label, MAX_NPY_BYTES, rows=[i])[0], label)
+                         for i in uniform_indices(total, n)])
+    return np.repeat(read_depth(source, label)[None], n, axis=0)
+
+
+def _depth_kind(source, label: str) -> str:
+    """"npy" or "png" from the first bytes (a suffix can lie; bytes have none)."""
+    if isinstance(source, (bytes, bytearray)):
+        head = bytes(source[:8])
     else:
-        depth = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if depth is None:
-            raise ModalityError(f"{path}: not an image OpenCV can read")
-        if depth.ndim == 3:
-            raise ModalityError(f"{path}: {depth.shape[2]} channels, expected a single-channel (16-bit) depth PNG")
-    depth = np.asarray(depth, dtype=np.float32)
+        if not Path(source).is_file():
+            raise ModalityError(f"{label}: no such depth file")
+        with open(source, "rb") as f:
+            head = f.read(8)
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head.startswith(PNG_MAGIC):
+        return "png"
+    raise ModalityError(f"{label}: neither a .npy file nor a PNG")
+
+
+def _checked_npy(source, label: str):
+    """A depth .npy's header: [H, W] or [T, H, W] of real numbers, each map within the size limits."""
+    try:
+        head = npy_header(source, label)
+        if len(head.shape) not in (2, 3):
+            raise ModalityError(f"{label}: shape {head.shape}, expected [T, H, W] or [H, W] depth")
+        if head.dtype.kind not in "fiu":
+            raise ModalityError(f"{label}: dtype {head.dtype}, expected real numbers")
+        check_dimensions(head.shape[-2], head.shape[-1], label)
+    except InputFileError as e:
+        raise ModalityError(str(e)) from None
+    return head
+
+
+def _read_png(source, label: str) -> np.ndarray:
+    """A single-channel PNG -> [H, W], its IHDR size checked before OpenCV decodes it."""
+    try:
+        check_dimensions(*png_size(source, label), label)
+    except InputFileError as e:
+        raise ModalityError(str(e)) from None
+    if isinstance(source, (bytes, bytearray)):
+        depth = cv2.imdecode(np.frombuffer(source, np.uint8), cv2.IMREAD_UNCHANGED)
+    else:
+        depth = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+    if depth is None:
+        raise ModalityError(f"{label}: not an image OpenCV can read")
+    if depth.ndim == 3:
+        raise ModalityError(f"{label}: {depth.shape[2]} channels, expected a single-channel (16-bit) depth PNG")
+    return depth
+
+
+def _fit_depth(depth: np.ndarray, label: str) -> np.ndarray:
+    """[H, W] of any real dtype -> finite float32 [H', W'] within FRAME_PIXELS (INTER_AREA)."""
     if depth.ndim != 2:
-        raise ModalityError(f"{path}: shape {depth.shape}, expected [H, W]")
+        raise ModalityError(f"{label}: shape {depth.shape}, expected [H, W]")
+    if depth.dtype not in (np.uint8, np.uint16, np.float32, np.float64):  # what cv2.resize takes
+        depth = depth.astype(np.float32)
+    h, w = depth.shape
+    fh, fw = fit_size(h, w, FRAME_PIXELS)
+    if (fh, fw) != (h, w):  # NaN and inf survive INTER_AREA's weighted means: checked below
+        depth = cv2.resize(depth, (fw, fh), interpolation=cv2.INTER_AREA)
+    depth = np.ascontiguousarray(depth, dtype=np.float32)
     if not np.isfinite(depth).all():
-        raise ModalityError(f"{path}: contains NaN or infinite depth")
+        raise ModalityError(f"{label}: contains NaN or infinite depth")
     return depth
 
 
@@ -104,9 +195,14 @@ def depth_to_rgb(depth: np.ndarray) -> np.ndarray:
 
 
 def normals_from_depth(depth: np.ndarray, pixel_size: float = 1.0) -> np.ndarray:
+    """depth [H, W] -> unit normals [H, W, 3] float32, normalised ROWS rows at a time."""
     dz_dy, dz_dx = np.gradient(depth.astype(np.float64), pixel_size)
-    n = np.stack([-dz_dx, -dz_dy, np.ones_like(dz_dx)], axis=-1)
-    return (n / np.linalg.norm(n, axis=-1, keepdims=True)).astype(np.float32)
+    out = np.empty(depth.shape + (3,), np.float32)
+    for r in range(0, depth.shape[0], ROWS):
+        gx, gy = dz_dx[r:r + ROWS], dz_dy[r:r + ROWS]
+        n = np.stack([-gx, -gy, np.ones_like(gx)], axis=-1)
+        out[r:r + ROWS] = n / np.linalg.norm(n, axis=-1, keepdims=True)
+    return out
 
 
 def normals_to_rgb(normals: np.ndarray) -> np.ndarray:

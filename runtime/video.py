@@ -1,24 +1,31 @@
 """Video decoding and frame preprocessing (DESIGN §2), with OpenCV and numpy only.
 
-read_video(path_or_bytes, n_frames, image_size) -> [n_frames, 3, image_size, image_size] float32:
-frames sampled uniformly as LAVIS `load_video` (the middle of n equal intervals), RGB, resized
-bicubic to a square, scaled to [0, 1] and normalised with CLIP's mean and std.
+decode_frames(path_or_bytes, n) -> RGB [n, H, W, 3] uint8, sampled uniformly as LAVIS `load_video`
+(the middle of n equal intervals); normalize_frames -> [n, 3, S, S] float32 (bicubic to a square,
+[0, 1], CLIP's mean and std). Memory is bounded whatever the file claims: the header's frame size
+is checked before decoding (runtime/files.py MAX_SIDE, MAX_PIXELS), frames are decoded one at a
+time, only the sampled ones are kept, each downscaled (INTER_AREA) to FRAME_PIXELS at once. A
+header that claims more frames than decode is sampled again over the frames that did.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
+
+from .files import InputFileError, check_dimensions, fit_size
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
-class VideoError(ValueError):
-    """A video that cannot be used; the message names the file and the reason."""
+class VideoError(InputFileError):
+    """A video that cannot be used; the message names the file (or "video bytes") and the reason."""
 
 
 def uniform_indices(num_frames: int, n: int) -> list[int]:
@@ -27,6 +34,8 @@ def uniform_indices(num_frames: int, n: int) -> list[int]:
     A clip shorter than n frames repeats frames (indices collide) rather than failing, so the
     model always sees n frames.
     """
+    if num_frames < 1:
+        raise ValueError(f"uniform_indices: {num_frames} frames, nothing to sample")
     edges = np.linspace(0, num_frames, n + 1).astype(int)
     return [min((a + b) // 2, num_frames - 1) for a, b in zip(edges[:-1], edges[1:])]
 
@@ -40,89 +49,127 @@ def normalize_frames(rgb: np.ndarray, image_size: int) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
-def _frame_count(cap: cv2.VideoCapture) -> int:
-    n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    if n > 0:
-        return n
-    n = 0  # some containers do not record it: count by decoding
-    while cap.grab():
-        n += 1
-    cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-    return n
+@contextmanager
+def video_file(source: str | Path | bytes) -> Iterator[tuple[Path, str]]:
+    """(a path OpenCV can open, the name errors use): a path as given, or bytes written to one
+    temporary file and named "video bytes" (OpenCV sniffs the container itself)."""
+    if not isinstance(source, (bytes, bytearray)):
+        yield Path(source), str(source)
+        return
+    if not source:
+        raise VideoError("video bytes: empty")
+    fd, tmp = tempfile.mkstemp(prefix="crema-", suffix=".video")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(source)
+        yield Path(tmp), "video bytes"
+    finally:
+        os.unlink(tmp)
 
 
-def _open(path: Path) -> cv2.VideoCapture:
+def _open(path: Path, label: str) -> cv2.VideoCapture:
+    """An opened capture whose header's frame size is within the limits (checked before decoding)."""
     if not path.is_file():
-        raise VideoError(f"{path}: no such file")
+        raise VideoError(f"{label}: no such file")
     if path.stat().st_size == 0:
-        raise VideoError(f"{path}: empty file")
+        raise VideoError(f"{label}: empty file")
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         cap.release()
-        raise VideoError(f"{path}: not a video OpenCV can decode")
+        raise VideoError(f"{label}: not a video OpenCV can decode")
+    width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    try:
+        if width or height:  # 0 x 0: the container does not say; each decoded frame is checked
+            check_dimensions(height, width, label)
+    except InputFileError as e:
+        cap.release()
+        raise VideoError(str(e)) from None
     return cap
 
 
-def frame_count(path: str | Path) -> int:
-    cap = _open(Path(path))
+def _header_count(path: Path, label: str) -> int:
+    """The frame count the header claims, or (when it records none) the count by grabbing."""
+    cap = _open(path, label)
     try:
-        total = _frame_count(cap)
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if n <= 0:
+            n = 0
+            while cap.grab():
+                n += 1
     finally:
         cap.release()
-    if total <= 0:
-        raise VideoError(f"{path}: the video has no frames")
-    return total
+    if n <= 0:
+        raise VideoError(f"{label}: the video has no frames")
+    return n
 
 
-def decode_indices(path: str | Path, indices: list[int]) -> np.ndarray:
-    """RGB frames [len(indices), H, W, 3] uint8 at the given frame indices (repeats allowed)."""
-    path = Path(path)
-    cap = _open(path)
-    wanted = set(indices)
-    frames: dict[int, np.ndarray] = {}
+def _fit(bgr: np.ndarray, label: str) -> np.ndarray:
+    """A decoded BGR frame -> RGB [H', W', 3] uint8 within FRAME_PIXELS (INTER_AREA), before anything else."""
+    h, w = bgr.shape[:2]
     try:
-        index = 0
-        while index <= max(indices):
-            if not cap.grab():
-                break
+        check_dimensions(h, w, label)
+    except InputFileError as e:
+        raise VideoError(str(e)) from None
+    fh, fw = fit_size(h, w)
+    if (fh, fw) != (h, w):
+        bgr = cv2.resize(bgr, (fw, fh), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _scan(path: Path, label: str, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """Decode frames 0..max(wanted) one at a time, keeping the wanted ones -> (them, frames decoded);
+    fewer than max(wanted) + 1 decoded means the video ended early."""
+    cap = _open(path, label)
+    frames: dict[int, np.ndarray] = {}
+    index = 0
+    try:
+        while index <= max(wanted) and cap.grab():
             if index in wanted:
                 ok, bgr = cap.retrieve()
                 if not ok:
-                    raise VideoError(f"{path}: frame {index} cannot be decoded")
-                frames[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                    raise VideoError(f"{label}: frame {index} cannot be decoded")
+                frames[index] = _fit(bgr, label)
             index += 1
     finally:
         cap.release()
-    if not frames:
-        raise VideoError(f"{path}: no frame could be decoded (truncated or corrupt)")
-    # A truncated file may end before its recorded length: reuse the last decoded frame.
-    last = frames[max(frames)]
-    return np.stack([frames.get(i, last) for i in indices])
+    return frames, index
 
 
-def decode_frames(path: str | Path, n_frames: int) -> np.ndarray:
-    """n uniformly sampled RGB frames [n, H, W, 3] uint8 from a video file."""
-    return decode_indices(path, uniform_indices(frame_count(path), n_frames))
+def _sample(path: Path, label: str, pick) -> tuple[list[int], dict[int, np.ndarray]]:
+    """pick(total) -> frame indices; decoded frames for them. When decoding ends before the highest
+    index (a header that claims more frames than there are, a truncated file), indices are picked
+    again over the frames that decoded and the missing ones decoded in a second pass."""
+    wanted = pick(_header_count(path, label))
+    frames, decoded = _scan(path, label, set(wanted))
+    if decoded > max(wanted):
+        return wanted, frames
+    if decoded == 0:
+        raise VideoError(f"{label}: no frame could be decoded (truncated or corrupt)")
+    wanted = pick(decoded)
+    frames = {i: f for i, f in frames.items() if i in wanted}
+    missing = set(wanted) - set(frames)
+    if missing:
+        more, _ = _scan(path, label, missing)
+        frames.update(more)
+    lost = sorted(missing - set(frames))
+    if lost:
+        raise VideoError(f"{label}: frame {lost[0]} decoded once, not the second time")
+    return wanted, frames
 
 
-def decode_with_successors(path: str | Path, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """The n sampled frames and the frame after each (the last frame pairs with itself)."""
-    total = frame_count(path)
-    picked = uniform_indices(total, n_frames)
-    both = decode_indices(path, picked + [min(i + 1, total - 1) for i in picked])
-    return both[:n_frames], both[n_frames:]
+def decode_frames(source: str | Path | bytes, n_frames: int) -> np.ndarray:
+    """A video file (path) or its bytes -> n uniformly sampled RGB frames [n, H, W, 3] uint8."""
+    with video_file(source) as (path, label):
+        picked, frames = _sample(path, label, lambda total: uniform_indices(total, n_frames))
+    return np.stack([frames[i] for i in picked])
 
 
-def read_video(source: str | Path | bytes, n_frames: int, image_size: int) -> np.ndarray:
-    """A video file (path) or its bytes -> normalised frames [n_frames, 3, image_size, image_size]."""
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise VideoError("video bytes: empty")
-        fd, tmp = tempfile.mkstemp(suffix=".video")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(source)
-            return normalize_frames(decode_frames(tmp, n_frames), image_size)
-        finally:
-            os.unlink(tmp)
-    return normalize_frames(decode_frames(source, n_frames), image_size)
+def decode_with_successors(source: str | Path | bytes, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n sampled frames [n, H, W, 3] and the frame after each (the last frame pairs with itself)."""
+    def pick(total: int) -> list[int]:
+        picked = uniform_indices(total, n_frames)
+        return picked + [min(i + 1, total - 1) for i in picked]
+
+    with video_file(source) as (path, label):
+        both, frames = _sample(path, label, pick)
+    return np.stack([frames[i] for i in both[:n_frames]]), np.stack([frames[i] for i in both[n_frames:]])

@@ -7,7 +7,7 @@ import soundfile
 import torch
 
 from reference.audio import fbank_clips, kaldi_fbank as reference_fbank
-from runtime.audio import AudioError, audio_clips, kaldi_fbank, read_audio
+from runtime.audio import AudioError, audio_clips, kaldi_fbank, read_audio, samples_needed
 
 
 def _signal(seconds=1.3, rate=16000, seed=0):
@@ -75,3 +75,38 @@ def test_bad_audio(content, message):
 def test_silent_audio_is_valid_and_flat():
     clips = audio_clips(read_audio(_wav(np.zeros(16000, np.float32), 16000)), num_clips=1, clip_frames=64)
     assert np.isfinite(clips).all() and np.ptp(clips[0, :50]) == 0
+
+
+@pytest.mark.parametrize("rate, channels, fmt", [(44100, 2, "WAV"), (48000, 1, "OGG"), (22050, 3, "FLAC"),
+                                                 (16000, 1, "WAV")])
+def test_reading_only_what_fbank_uses_equals_the_whole_file(tmp_path, rate, channels, fmt):
+    """max_samples decodes the start of the file only; the samples equal the whole file's resampling."""
+    x = np.stack([_signal(seconds=4.0, rate=rate, seed=c) for c in range(channels)], axis=1) * 0.5
+    path = tmp_path / f"a.{fmt.lower()}"
+    if fmt == "OGG":
+        with soundfile.SoundFile(path, "w", rate, channels, format="OGG", subtype="VORBIS") as f:
+            for block in np.array_split(x, 64):  # libsndfile's Vorbis encoder dislikes large writes
+                f.write(block)
+    else:
+        soundfile.write(path, x, rate, format=fmt)
+    whole = read_audio(path)
+    needed = samples_needed(2, 64)  # the tiny preset: 2 clips of 64 frames, 1.27 s at 16 kHz
+    part = read_audio(path, max_samples=needed)
+    assert len(part) == needed < len(whole)
+    np.testing.assert_array_equal(part, whole[:needed])
+    np.testing.assert_array_equal(audio_clips(part, 2, 64), audio_clips(whole, 2, 64))
+    assert len(read_audio(path, max_samples=10 ** 9)) == len(whole)  # shorter than asked: all of it
+
+
+def test_errors_name_audio_bytes_not_a_python_object():
+    with pytest.raises(AudioError) as e:
+        read_audio(b"RIFF....WAVEfmt garbage" * 3)
+    assert str(e.value).startswith("audio bytes: not a sound file") and "BytesIO" not in str(e.value), str(e.value)
+    assert "0x" not in str(e.value)
+
+
+def test_absurd_sample_rates_are_refused(tmp_path):
+    path = tmp_path / "fast.wav"
+    soundfile.write(path, np.zeros(200_000, np.float32), 2_000_000)  # 0.1 s
+    with pytest.raises(AudioError, match="fast.wav: sample rate 2000000 Hz, expected 1 to 768000 Hz"):
+        read_audio(path)

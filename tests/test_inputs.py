@@ -49,8 +49,9 @@ def test_every_modality_from_raw_files(files):
 ])
 def test_missing_inputs_are_named(files, modalities, kwargs, message):
     kwargs = {k: (files / v if isinstance(v, str) else v) for k, v in kwargs.items()}
-    with pytest.raises(ModalityError, match=message):
+    with pytest.raises(ModalityError, match=message) as e:
         request_from_files(_config(modalities), "Q?", **kwargs)
+    assert "--" not in str(e.value), "a Triton client sends request fields, not command-line flags"
 
 
 def test_depth_of_the_wrong_size(files, tmp_path):
@@ -58,7 +59,7 @@ def test_depth_of_the_wrong_size(files, tmp_path):
     with pytest.raises(ModalityError, match="depth: maps of 10x10, the video is 64x64"):
         request_from_files(_config(("rgb", "norm")), "Q?", video=files / "clip.mp4", depth=tmp_path / "small.npy")
     np.savez(tmp_path / "bad.npz", points=np.zeros((2, 3)))
-    with pytest.raises(ModalityError, match="expected arrays 'feat'"):
+    with pytest.raises(ModalityError, match="no 'feat' or 'coords' array"):
         request_from_files(_config(("pc",)), "Q?", pc=tmp_path / "bad.npz")
 
 
@@ -79,3 +80,46 @@ def test_bytes_and_arrays_give_what_files_give(files):
         request_from_files(cfg, "Q?", video=files / "clip.mp4", depth=b"GIF89a...", audio=files / "a.wav")
     with pytest.raises(ValueError, match="^video bytes: not a video"):
         request_from_files(cfg, "Q?", video=b"\x00" * 64, depth=files / "depth.npy", audio=files / "a.wav")
+
+
+def test_depth_with_no_maps_is_named_not_an_index_error(files, tmp_path):
+    """np.zeros((0, H, W)) as a .npy, from a path and as bytes over the server (was IndexError: index -1)."""
+    np.save(tmp_path / "none.npy", np.zeros((0, 64, 64), np.float32))
+    cfg = _config(("rgb", "depth"))
+    with pytest.raises(ModalityError, match=r"none.npy: 0 depth maps in the array"):
+        request_from_files(cfg, "Q?", video=files / "clip.mp4", depth=tmp_path / "none.npy")
+    with pytest.raises(ModalityError, match=r"^depth bytes: 0 depth maps in the array"):
+        request_from_files(cfg, "Q?", video=(files / "clip.mp4").read_bytes(),
+                           depth=(tmp_path / "none.npy").read_bytes())
+
+
+def test_depth_png_bytes_give_what_the_file_gives(files, tmp_path):
+    import cv2
+    depth = (1000 + np.arange(64 * 64).reshape(64, 64) % 500).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "d.png"), depth)
+    cfg = _config(("rgb", "norm"))
+    a = request_from_files(cfg, "Q?", video=files / "clip.mp4", depth=tmp_path / "d.png")
+    b = request_from_files(cfg, "Q?", video=files / "clip.mp4", depth=(tmp_path / "d.png").read_bytes())
+    np.testing.assert_array_equal(a.frames["norm"], b.frames["norm"])
+
+
+def _npy_named_npz(path, array):
+    with open(path, "wb") as f:  # np.save(path) would append ".npy"
+        np.save(f, array)
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: _npy_named_npz(p, np.zeros((7, 48), np.float32)), r"pc.npz: a .npy array, expected a .npz"),
+    (lambda p: p.write_bytes(b"feat and coords"), r"pc.npz: not a .npz \(zip\) file"),
+    (lambda p: np.savez(p, feat=np.zeros((7, 48))), r"pc.npz: no 'coords' array \(has \['feat'\]\)"),
+    (lambda p: np.savez(p, feat=np.zeros(7), coords=np.ones((7, 3))), r"feat of shape \(7,\), expected \[P, D\]"),
+    (lambda p: np.savez(p, feat=np.zeros((7, 48)), coords=np.ones((7, 2))),
+     r"coords of shape \(7, 2\), expected \[7, 3\]"),
+    (lambda p: np.savez(p, feat=np.zeros((7, 48)), coords=np.full((7, 3), 0.5)), r"coords are not whole numbers"),
+])
+def test_bad_point_files_are_named(tmp_path, write, message):
+    """--pc x.npy (np.load returns an array), not a zip, missing keys, wrong shapes: a clear ModalityError."""
+    path = tmp_path / "pc.npz"
+    write(path)
+    with pytest.raises(ModalityError, match=r"^pc: .*" + message):
+        request_from_files(_config(("pc",)), "Q?", pc=path)
