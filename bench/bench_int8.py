@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "int8-benchmark.md")
     args = p.parse_args()
     art = exported(lambda: preset_model(preset("bench")), args.work / "artifacts", {"preset": "bench", "seed": 0})
-    report = calibrate(art, questions=8, eval_questions=2, max_feeds=3)  # speed, not fidelity: random weights
+    report = calibrate(art, questions=8, eval_questions=2, max_feeds=3, force=True)  # speed, not fidelity: random weights
     a = Artifacts(art)
     fp32, int8 = Pipeline(art, spin=False), Pipeline(art, precision="int8", spin=False)
     items = read_items(demo_data(args.work / "eval", 1, EVALUATION_SEED, a.config), a.config, 1)

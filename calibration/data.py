@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from runtime.inputs import request_from_files
 from runtime.modalities import ModalityError
-from runtime.pipeline import Pipeline, Request
+from runtime.pipeline import Pipeline, Request, Stage
 from synthetic.generator import clip_files
 
 CALIBRATION_SEED, EVALUATION_SEED = 2, 1
@@ -60,15 +60,26 @@ def read_items(directory: str | Path, config: dict, limit: int | None = None) ->
     return items
 
 
+class Recorder:
+    """Stands in for a pipeline Stage: keeps every feed (as the stage checked and cast it), then runs it."""
+
+    def __init__(self, stage: Stage):
+        self.stage, self.spec, self.feeds = stage, stage.spec, []
+
+    def __call__(self, **inputs):
+        feed = self.stage.feed(**inputs)
+        self.feeds.append(feed)
+        return self.stage.run(feed)
+
+
 def collect_feeds(pipeline: Pipeline, items: list[Item], batch: int = 6) -> dict[str, list[dict]]:
     """Run the pipeline over `items` and record every stage's inputs (decoder steps included)."""
-    taps = {name: [] for name in pipeline.stages}
-    for name, stage in pipeline.stages.items():
-        stage.tap = taps[name]
+    stages = pipeline.stages
+    recorders = {name: Recorder(stage) for name, stage in stages.items()}
+    pipeline.stages = recorders
     try:
         for start in tqdm(range(0, len(items), batch), desc="collect stage inputs", unit="batch", leave=False):
             pipeline.answer([it.request for it in items[start:start + batch]])
     finally:
-        for stage in pipeline.stages.values():
-            stage.tap = None
-    return taps
+        pipeline.stages = stages
+    return {name: r.feeds for name, r in recorders.items()}

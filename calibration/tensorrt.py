@@ -39,6 +39,12 @@ def _shape(spec_tensor, profile: dict, which: int) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else profile[d][which] for d in spec_tensor.dims)
 
 
+def _value(entry) -> float:
+    """One bound in ORT's calibration.json: {"data": x or [x], "dtype": ..., "CLS": "numpy.array"}."""
+    data = entry["data"] if isinstance(entry, dict) else entry
+    return float(data[0] if isinstance(data, list) else data)
+
+
 def build_engines(artifacts: str | Path, precision: str = "fp16", workspace_gib: int = 4, log=print) -> list[Path]:
     reason = available()
     if reason:
@@ -65,7 +71,7 @@ def build_engines(artifacts: str | Path, precision: str = "fp16", workspace_gib:
         if precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
             table = json.loads((art.dir / "int8" / "tensorrt" / name / "calibration.json").read_text())
-            amax = {k: max(abs(float(v["highest"])), abs(float(v["lowest"]))) for k, v in table.items()}
+            amax = {k: max(abs(_value(v["highest"])), abs(_value(v["lowest"]))) for k, v in table.items()}
             for i in range(network.num_layers):
                 layer = network.get_layer(i)
                 for j in range(layer.num_outputs):

@@ -1,13 +1,15 @@
 """Export every stage of a reference model to ONNX and write a verified artifact directory.
 
-Writes are atomic: graphs go to a temporary sibling directory that is renamed into place only
-after every graph passed `onnx.checker` and the manifest is written.
+Writes are atomic: graphs go to a temporary sibling directory (`.OUT.{pid}.tmp`) that is renamed
+into place only after every graph passed `onnx.checker` and the manifest is written. A killed export
+leaves that folder behind; the next export beside it removes it once its process is gone.
 """
 from __future__ import annotations
 
+import os
 import shutil
-import tempfile
 import warnings
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -98,15 +100,45 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
 
 
+def staging_dir(parent: Path, name: str) -> Path:
+    """A new, empty `parent/.{name}.{pid}.tmp`: the name says which process owns it."""
+    path = Path(parent) / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(path, ignore_errors=True)  # a dead process's, whose pid this one reuses
+    path.mkdir(parents=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
+def remove_stale(parent: Path, name: str) -> list[Path]:
+    """Remove the `parent/.{name}.{pid}.tmp` folders whose process is gone (left by killed runs)."""
+    removed = []
+    for path in Path(parent).glob(f".{glob_escape(name)}.*.tmp"):
+        pid = path.name[len(name) + 2:-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def export_artifacts(model: Crema, out: str | Path, source: dict, progress: bool = True) -> Path:
     """All stages of `model` -> `out/` (graphs, tokenizer.json, manifest.json), atomically."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty (choose another --out or remove it)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out.parent, out.name)
     cfg = model.cfg.to_dict()
     specs = stage_specs(cfg)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = staging_dir(out.parent, out.name)
     try:
         for spec in tqdm(specs.values(), desc="export", unit="graph", disable=not progress):
             export_stage(model, spec, tmp / spec.file)

@@ -54,7 +54,6 @@ class Stage:
 
     def __init__(self, spec: StageSpec, path: Path, options: ort.SessionOptions, providers: list):
         self.spec = spec
-        self.tap: list[dict] | None = None  # when a list, every feed is appended (calibration data)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # ORT raises several types for unreadable graphs
@@ -64,14 +63,19 @@ class Stage:
             raise ArtifactError(f"{path}: inputs/outputs {got} do not match the stage spec {spec.input_names}")
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return self.run(self.feed(**inputs))
+
+    def feed(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """The session's feed: every spec input, checked and cast to its dtype."""
         feed = {}
         for t in self.spec.inputs:
             x = np.ascontiguousarray(inputs[t.name], dtype=t.dtype)
             if not t.shape_ok(x.shape):
                 raise RequestError(f"{self.spec.name}.{t.name}: shape {x.shape}, expected {t.dims}")
             feed[t.name] = x
-        if self.tap is not None:
-            self.tap.append(feed)
+        return feed
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.spec.output_names, self.session.run(None, feed)))
 
 
@@ -116,16 +120,24 @@ class Pipeline:
     providers: "cpu", "cuda", "tensorrt" (or ORT provider names) in priority order; CPU is the fallback.
     memory_arena: ORT's CPU arena keeps freed activations for reuse. Measured on the bench preset:
     off, the vision stage ran 8% slower (6.71 s vs 6.21 s) and the peak RSS of a request fell from
-    4.6 to 4.2 GiB. On by default (latency); off for memory-bound hosts (`crema run --low-memory`)."""
+    4.6 to 4.2 GiB. On by default (latency); off for memory-bound hosts (`crema run --low-memory`).
+    graphs: stage -> a graph file to run instead of the artifacts' (calibration evaluates its staged
+    INT8 graphs this way before installing them)."""
 
     def __init__(self, artifacts: str | Path, threads: int | None = None, providers: list | None = None,
-                 memory_arena: bool = True, spin: bool = True, precision: str = "fp32"):
+                 memory_arena: bool = True, spin: bool = True, precision: str = "fp32",
+                 graphs: dict[str, Path] | None = None):
         self.artifacts = Artifacts(artifacts)
         self.config = self.artifacts.config
         options = session_options(threads, memory_arena, spin)
         providers = execution_providers(providers or ["cpu"])
         self.precision = precision
-        self.stages = {name: Stage(spec, self.artifacts.path(name, precision), options, providers)
+        graphs = graphs or {}
+        unknown = set(graphs) - set(self.artifacts.specs)
+        if unknown:
+            raise ArtifactError(f"graphs: no stage {', '.join(sorted(unknown))} in {self.artifacts.dir}")
+        self.stages = {name: Stage(spec, Path(graphs[name]) if name in graphs else self.artifacts.path(name, precision),
+                                   options, providers)
                        for name, spec in self.artifacts.specs.items()}
         self.tokenizer = QuestionTokenizer(self.artifacts.dir / TOKENIZER, self.config["max_txt_len"])
         self.answer_ids = self.artifacts.manifest["answer_ids"]
