@@ -1,11 +1,38 @@
 """`crema <subcommand>`: info, run, export, parity, checkpoint, demo, train-demo, calibrate, build-trt,
-triton-repo, serve, ask. Heavy packages load inside each command (`crema ask` loads neither torch nor ORT)."""
+triton-repo, serve, ask. Heavy packages load inside each command (`crema ask` loads neither torch nor ORT).
+
+Each subcommand has its parser function (`add_{name}`) beside its `cmd_{name}`. A user error is one
+line, `error: <message>`, on stderr with exit code 2; no option is silently ignored."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 from pathlib import Path
+
+# Pure-Python constants (no torch, no ONNX Runtime): the choices stay those the packages accept.
+from reference.config import DOWNSTREAM_TASKS, TASKS
+from runtime.artifacts import PRECISIONS
+
+
+class UsageError(ValueError):
+    """Options that do not go together; the message names the option."""
+
+
+# --- options shared by several subcommands -------------------------------------------------------
+
+MODEL_SOURCES = (("--preset", "preset"), ("--checkpoint", "checkpoint"), ("--blip2-dir", "blip2_dir"))
+BLIP2_EXTRAS = (("--crema-ckpt", "crema_ckpt"), ("--beats-ckpt", "beats_ckpt"))
+EXPORT_FIXED = (("--modalities", "modalities"), ("--task", "task"), ("--frames", "frame_num"))
+ORT_OPTIONS = (("--threads", "threads"), ("--low-memory", "low_memory"), ("--precision", "precision"),
+               ("--provider", "provider"))
+
+
+def _crema_options(p) -> None:
+    p.add_argument("--modalities", help="e.g. rgb_depth_flow_norm, rgb_audio, rgb_depth-skip")
+    p.add_argument("--task", choices=TASKS, help="how the modalities are fused")
+    p.add_argument("--downstream", choices=DOWNSTREAM_TASKS, help="open-ended or multiple-choice QA")
+    p.add_argument("--frames", type=int, dest="frame_num", help="frames per clip (frame_num)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -17,11 +44,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--crema-ckpt", type=Path, help="CREMA LAVIS checkpoint (.pth), with --blip2-dir")
     src.add_argument("--beats-ckpt", type=Path, help="BEATs checkpoint (.pt), when audio is configured")
     opt = p.add_argument_group("CREMA options (override the preset or checkpoint)")
-    opt.add_argument("--modalities", help="e.g. rgb_depth_flow_norm, rgb_audio, rgb_depth-skip")
-    opt.add_argument("--task", choices=["concat", "espresso", "espresso_concat"])
-    opt.add_argument("--downstream", choices=["oeqa", "mcqa"], help="open-ended or multiple-choice QA")
-    opt.add_argument("--frames", type=int, dest="frame_num", help="frames per clip (frame_num)")
-    opt.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    _crema_options(opt)
+    opt.add_argument("--seed", type=int, help="seed of a preset's random weights (default 0)")
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type of `--visual MODALITY=FILE` (run and ask)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value:
+        raise argparse.ArgumentTypeError(f"expected MODALITY=FILE (e.g. depth=depth_frames.npy), got {text!r}")
+    return key.strip(), value
 
 
 def _raw_input_args(p: argparse.ArgumentParser) -> None:
@@ -31,8 +63,27 @@ def _raw_input_args(p: argparse.ArgumentParser) -> None:
                                               "of them (depth, and normals computed from it)")
     p.add_argument("--audio", type=Path, help="a sound file (WAV, FLAC, OGG), resampled to 16 kHz mono")
     p.add_argument("--pc", type=Path, help="3D: .npz with 'feat' [points, feature_dim] and 'coords' [points, 3]")
-    p.add_argument("--visual", action="append", default=[], metavar="MODALITY=FILE.npy",
+    p.add_argument("--visual", action="append", default=[], type=key_value, metavar="MODALITY=FILE.npy",
                    help="pre-extracted, normalised frames [T, 3, S, S] of a visual modality; repeatable")
+
+
+def visual_files(pairs: list[tuple[str, str]]) -> dict[str, Path]:
+    """--visual pairs -> modality -> path; a modality given twice is refused."""
+    out: dict[str, Path] = {}
+    for modality, path in pairs:
+        if modality in out:
+            raise UsageError(f"--visual {modality}: given twice")
+        out[modality] = Path(path)
+    return out
+
+
+def _given(args, options) -> list[str]:
+    """The flags among `options` ((flag, dest) pairs) that the user set."""
+    return [flag for flag, dest in options if getattr(args, dest, None) not in (None, False)]
+
+
+def _seed(args) -> int:
+    return 0 if args.seed is None else args.seed
 
 
 def _overrides(args) -> dict:
@@ -51,21 +102,28 @@ def _overrides(args) -> dict:
 
 def _config(args):
     from reference.config import preset
-    if not args.preset:
-        raise SystemExit("error: --preset is required here")
     return preset(args.preset, **_overrides(args))
+
+
+def check_model_source(args) -> None:
+    """Exactly one model source, and only the options that source reads (before anything loads)."""
+    if len(_given(args, MODEL_SOURCES)) != 1:
+        raise UsageError("give exactly one of --preset, --checkpoint, --blip2-dir")
+    extras = _given(args, BLIP2_EXTRAS)
+    if extras and not args.blip2_dir:
+        raise UsageError(f"{extras[0]}: only with --blip2-dir")
+    if args.seed is not None and (not args.preset or args.preset == "demo"):
+        raise UsageError("--seed: only with a preset's random weights (--preset tiny | bench | flant5xl)")
 
 
 def load_model(args):
     """The reference model from exactly one source."""
+    check_model_source(args)
     from reference import weights
-    sources = [s for s in (args.preset, args.checkpoint, args.blip2_dir) if s]
-    if len(sources) != 1:
-        raise SystemExit("error: give exactly one of --preset, --checkpoint, --blip2-dir")
     if args.preset == "demo":
         return weights.demo_model(**_overrides(args))
     if args.preset:
-        return weights.preset_model(_config(args), seed=args.seed)
+        return weights.preset_model(_config(args), seed=_seed(args))
     if args.checkpoint:
         return weights.load_checkpoint(args.checkpoint, **_overrides(args))
     model, report = weights.load_pretrained(args.blip2_dir, args.crema_ckpt, args.beats_ckpt, **_overrides(args))
@@ -75,11 +133,19 @@ def load_model(args):
 
 # --- info --------------------------------------------------------------------------------------
 
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="parameter counts and LLM token budget of a preset (no weights allocated)")
+    p.add_argument("--preset", required=True)
+    _crema_options(p)
+    p.set_defaults(func=cmd_info)
+
+
 def cmd_info(args) -> None:
     import torch
 
     from reference.model import Crema
     from reference.tokenizer import TextTokenizer
+    from reference.weights import parameter_table
 
     cfg = _config(args)
     start = time.perf_counter()
@@ -96,50 +162,108 @@ def cmd_info(args) -> None:
     print(f"  (prefixes counted with the preset tokenizer; computed in {time.perf_counter() - start:.2f} s)")
 
 
-def parameter_table(model) -> list[tuple[str, int]]:
-    """(part, parameter count) for each part of the model, and the total."""
-    from reference.lora import MultiLoRALinear
-
-    def count(params) -> int:
-        return sum(p.numel() for p in params)
-
-    cfg, rows = model.cfg, []
-    if cfg.visual_modalities:
-        # HF stores EVA's q/v biases as one qkv bias whose k third is zero: not an EVA parameter
-        k_bias = cfg.vision.num_layers * cfg.vision.hidden_size
-        rows.append((f"vision encoder (EVA ViT, {cfg.vision.num_layers} blocks)",
-                     count(model.vision_model.parameters()) - k_bias))
-    if "audio" in cfg.modality_names:
-        rows.append(("audio encoder (BEATs) + projection", count(model.audio_encoder.parameters())
-                     + count(model.projection_audio.parameters())))
-    lora = {m: 0 for m in cfg.modality_names}
-    for module in model.qformer.modules():
-        if isinstance(module, MultiLoRALinear):
-            for m in lora:
-                lora[m] += count(getattr(module, f"w_a_{m}").parameters()) + count(getattr(module, f"w_b_{m}").parameters())
-    rows.append(("Q-Former (BLIP-2, shared)", count(model.qformer.parameters()) - sum(lora.values())))
-    for m in cfg.modality_names:
-        head = [getattr(model, f"query_tokens_{m}")] + list(getattr(model, f"t5_proj_{m}").parameters())
-        if hasattr(model, f"ln_{m}"):
-            head += list(getattr(model, f"ln_{m}").parameters())
-        rows.append((f"MMQA-{m}: LoRA r={cfg.lora_rank} + query tokens, t5_proj, ln", lora[m] + count(head)))
-    if cfg.espresso:
-        rows.append(("espresso fusion", count(model.fusion.parameters())))
-    rows.append((f"LLM (Flan-T5, {cfg.t5.num_layers}+{cfg.t5.num_decoder_layers} layers)",
-                 count(model.language_model.parameters())))
-    rows.append(("total", sum(n for _, n in rows)))
-    return rows
-
-
 # --- run ---------------------------------------------------------------------------------------
 
-def read_request(args, config: dict):
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="answer one question in process: ONNX Runtime (--artifacts) or the PyTorch "
+                                   "reference")
+    _model_args(p)
+    ort = p.add_argument_group("ONNX Runtime (with --artifacts, the model and CREMA options are fixed at "
+                               "export, except --downstream)")
+    ort.add_argument("--artifacts", type=Path, help="an artifact directory from `crema export` (runs without torch)")
+    ort.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    ort.add_argument("--low-memory", action="store_true",
+                     help="no ORT memory arena: lower peak memory, about 8%% slower vision stage")
+    ort.add_argument("--precision", choices=PRECISIONS,
+                     help="fp32 (default) or INT8 graphs from `crema calibrate` (mixed: only the stages it chose)")
+    ort.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"],
+                     help="ONNX Runtime execution providers in priority order (repeatable; "
+                          "default cpu; cuda/tensorrt need onnxruntime-gpu and a GPU)")
+    p.add_argument("--beams", type=int, help="override the number of beams (oeqa)")
+    p.add_argument("--max-new-tokens", type=int, help="override the answer length limit")
+    _raw_input_args(p)
+    p.add_argument("--depth-model", type=Path, help="an ONNX monocular depth model to run on the frames instead")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> None:
+    """ONNX Runtime with --artifacts (torch is never imported), else the PyTorch reference."""
+    (run_artifacts if args.artifacts else run_reference)(args)
+
+
+def read_request(args, question: str, config: dict):
     """CLI files -> runtime.pipeline.Request (numpy), each modality extracted as runtime/inputs.py says."""
     from runtime.inputs import request_from_files
 
-    frames = dict(item.split("=", 1) for item in args.visual)
-    return request_from_files(config, args.question, video=args.video, depth=args.depth,
-                              depth_model=args.depth_model, audio=args.audio, pc=args.pc, frames=frames)
+    return request_from_files(config, question, video=args.video, depth=args.depth, depth_model=args.depth_model,
+                              audio=args.audio, pc=args.pc, frames=visual_files(args.visual))
+
+
+def run_artifacts(args) -> None:
+    """`crema run --artifacts`: the ONNX Runtime pipeline."""
+    from runtime.artifacts import Artifacts
+    from runtime.text import clean_question
+
+    question = clean_question(args.question)
+    manifest = Artifacts(args.artifacts, verify=False).manifest  # options are checked before any graph loads
+    check_artifact_options(args, manifest)
+    from runtime.pipeline import Pipeline
+    pipeline = Pipeline(args.artifacts, threads=args.threads, memory_arena=not args.low_memory,
+                        precision=args.precision or "fp32", providers=args.provider)
+    request = read_request(args, question, pipeline.config)
+    start = time.perf_counter()
+    answer = pipeline.answer([request], num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                             task=args.downstream)[0]
+    note = ", random preset weights" if _random_weights(manifest.get("source") or {}) else ""
+    _print_answer(question, answer.text, answer.option_scores, time.perf_counter() - start,
+                  f"ONNX Runtime {args.precision or 'fp32'}{note}")
+
+
+def check_artifact_options(args, manifest: dict) -> None:
+    """Refuse model options that artifacts fix at export: a model source, or a config value that
+    differs from the exported one (the same value is accepted). --downstream is a request option."""
+    from reference.config import parse_modalities
+
+    given = _given(args, MODEL_SOURCES + BLIP2_EXTRAS + (("--seed", "seed"),))
+    if given:
+        source = ", ".join(f"{k}={v}" for k, v in (manifest.get("source") or {}).items()) or "unknown"
+        raise UsageError(f"{given[0]}: the model comes from --artifacts (exported from {source}); give one or "
+                         "the other")
+    config = manifest["config"]
+    exported = {"modalities": "_".join(config["modalities"]), "task": config["task"],
+                "frame_num": config["frame_num"]}
+    for flag, dest in EXPORT_FIXED:
+        value = getattr(args, dest)
+        compared = "_".join(parse_modalities(value)) if dest == "modalities" and value else value
+        if value is not None and compared != exported[dest]:
+            raise UsageError(f"{flag} {value}: these artifacts were exported with {exported[dest]}; fixed at "
+                             "export (export again to change it)")
+
+
+def run_reference(args) -> None:
+    """`crema run` with a model source: the PyTorch reference."""
+    from runtime.text import clean_question
+
+    given = _given(args, ORT_OPTIONS)
+    if given:
+        raise UsageError(f"{given[0]}: an ONNX Runtime option, only with --artifacts")
+    question = clean_question(args.question)
+    check_model_source(args)
+    import torch
+
+    from reference.model import CremaInputs
+    model = load_model(args)
+    request = read_request(args, question, model.cfg.to_dict())
+    batch = lambda x: None if x is None else torch.from_numpy(x)[None]  # noqa: E731
+    inputs = CremaInputs([request.question], {m: batch(x) for m, x in request.frames.items()},
+                         batch(request.audio), batch(request.pc_feat), batch(request.pc_coords))
+    start = time.perf_counter()
+    overrides = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
+    answer = model.generate(inputs, **overrides)[0]
+    random = _random_weights(vars(args))
+    note = f", preset {args.preset!r}: seeded random weights, not a trained model" if random else ""
+    _print_answer(question, answer.text, answer.option_scores, time.perf_counter() - start,
+                  f"PyTorch reference{note}")
 
 
 def _print_answer(question: str, text: str, option_scores, seconds: float, how: str) -> None:
@@ -150,36 +274,18 @@ def _print_answer(question: str, text: str, option_scores, seconds: float, how: 
     print(f"({seconds:.2f} s, {how})", file=sys.stderr)
 
 
-def cmd_run(args) -> None:
-    if args.artifacts:  # the ONNX Runtime pipeline: torch is never imported
-        from runtime.pipeline import Pipeline
-        pipeline = Pipeline(args.artifacts, threads=args.threads, memory_arena=not args.low_memory,
-                            precision=args.precision, providers=args.provider)
-        request = read_request(args, pipeline.config)
-        start = time.perf_counter()
-        answer = pipeline.answer([request], num_beams=args.beams, max_new_tokens=args.max_new_tokens)[0]
-        note = ", random preset weights" if _random_weights(pipeline.artifacts.manifest["source"]) else ""
-        _print_answer(args.question, answer.text, answer.option_scores, time.perf_counter() - start,
-                      f"ONNX Runtime {args.precision}{note}")
-        return
-    import torch
-
-    from reference.model import CremaInputs
-    model = load_model(args)
-    request = read_request(args, model.cfg.to_dict())
-    batch = lambda x: None if x is None else torch.from_numpy(x)[None]  # noqa: E731
-    inputs = CremaInputs([request.question], {m: batch(x) for m, x in request.frames.items()},
-                         batch(request.audio), batch(request.pc_feat), batch(request.pc_coords))
-    start = time.perf_counter()
-    overrides = {k: v for k, v in (("num_beams", args.beams), ("max_new_tokens", args.max_new_tokens)) if v}
-    answer = model.generate(inputs, **overrides)[0]
-    note = f", preset {args.preset!r}: seeded random weights, not a trained model" if _random_weights(vars(args)) else ""
-    _print_answer(args.question, answer.text, answer.option_scores, time.perf_counter() - start,
-                  f"PyTorch reference{note}")
-
-
 def _random_weights(source: dict) -> bool:
     return bool(source.get("preset")) and source["preset"] != "demo"
+
+
+# --- export, parity, checkpoint ----------------------------------------------------------------
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export every stage to ONNX: an artifact directory with manifest and tokenizer")
+    _model_args(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> None:
@@ -189,7 +295,7 @@ def cmd_export(args) -> None:
         from reference.weights import DEMO_SOURCE
         source = DEMO_SOURCE
     elif args.preset:
-        source = {"preset": args.preset, "seed": args.seed}
+        source = {"preset": args.preset, "seed": _seed(args)}
     elif args.checkpoint:
         source = {"checkpoint": str(args.checkpoint.resolve())}
     else:
@@ -197,6 +303,13 @@ def cmd_export(args) -> None:
                                                          ("beats_ckpt", args.beats_ckpt)) if v}
     out = export_artifacts(model, args.out, source, progress=not args.quiet)
     print(f"wrote {out}")
+
+
+def add_parity(sub) -> None:
+    p = sub.add_parser("parity", help="compare an artifact directory with the PyTorch reference, stage by stage")
+    p.add_argument("--artifacts", type=Path, required=True)
+    p.add_argument("--json", type=Path, help="where to write the report (default: ARTIFACTS/parity.json)")
+    p.set_defaults(func=cmd_parity)
 
 
 def cmd_parity(args) -> None:
@@ -210,10 +323,32 @@ def cmd_parity(args) -> None:
         raise SystemExit(1)
 
 
+def add_checkpoint(sub) -> None:
+    p = sub.add_parser("checkpoint", help="write a preset's weights, config and tokenizer as a checkpoint directory")
+    _model_args(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_checkpoint)
+
+
 def cmd_checkpoint(args) -> None:
     from reference.weights import save_checkpoint
     model = load_model(args)
-    print(save_checkpoint(model, args.out, extra={"seed": args.seed, "preset": args.preset}))
+    print(save_checkpoint(model, args.out, extra={"seed": _seed(args), "preset": args.preset}))
+
+
+# --- demo, training, INT8 ----------------------------------------------------------------------
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="generate a new synthetic clip, serve the trained demo model with Triton, "
+                                    "ask its questions, print answers, ground truth and latencies")
+    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.add_argument("--clips", type=int, default=1, help="how many clips to generate and ask about")
+    p.add_argument("--in-process", action="store_true", help="ONNX Runtime in this process instead of a Triton server")
+    p.add_argument("--precision", choices=PRECISIONS, default="int8",
+                   help="int8 (default)/mixed: calibrate the export first (`crema calibrate`, seconds on the "
+                        "demo model); FP32 if INT8 misses the fidelity bounds")
+    p.add_argument("--strict", action="store_true", help="exit 1 when an answer is wrong")
+    p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> None:
@@ -223,164 +358,45 @@ def cmd_demo(args) -> None:
         raise SystemExit(1)
 
 
-def cmd_calibrate(args) -> None:
-    from calibration.calibrate import calibrate, format_report
-    from calibration.quantize import KEEP_FP32
-    report = calibrate(args.artifacts, data=args.data, method=args.method, questions=args.questions,
-                       eval_questions=args.eval_questions, dynamic=tuple(args.dynamic),
-                       keep_fp32=KEEP_FP32 + tuple(args.keep_fp32))
-    print(format_report(report))
-    print(f"(report: {Path(args.artifacts) / 'int8' / 'fidelity.json'})", file=sys.stderr)
-    if not report["ok"]:
-        raise SystemExit(1)
-
-
-def cmd_build_trt(args) -> None:
-    from calibration.tensorrt import TensorRTUnavailable, build_engines
-    try:
-        build_engines(args.artifacts, args.precision)
-    except TensorRTUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(3)
+def add_train_demo(sub) -> None:
+    p = sub.add_parser("train-demo", help="train the demo preset on the synthetic task (CPU, deterministic, "
+                                          "~12 min on 2 cores) and report held-out accuracy and the ablation")
+    p.add_argument("--out", type=Path, default=Path("out/train-demo"), help="checkpoint directory to write")
+    p.add_argument("--work", type=Path, help="where to generate the data (default: OUT/data)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--train-clips", type=int)
+    p.add_argument("--test-clips", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_train_demo)
 
 
 def cmd_train_demo(args) -> None:
-    import json
-
-    from reference.weights import DEMO_CHECKPOINT
     from training.demo import TrainSettings, metrics_table, train_demo
     settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in TrainSettings.__dataclass_fields__
                                 and v is not None})
     metrics = train_demo(args.out, settings, work=args.work)
     print(metrics_table(metrics))
-    shipped = DEMO_CHECKPOINT / "metrics.json"
-    if shipped.is_file() and Path(args.out).resolve() != DEMO_CHECKPOINT:
-        ref = json.loads(shipped.read_text())
-        same = ref["settings"] == json.loads(json.dumps(metrics["settings"]))  # tuples became lists
-        diff = 100 * (metrics["accuracy"]["overall"] - ref["accuracy"]["overall"])
-        print(f"shipped weights (reference/demo): overall {100 * ref['accuracy']['overall']:.1f}%; this run "
-              f"{100 * metrics['accuracy']['overall']:.1f}% ({diff:+.1f} points"
-              f"{'' if same else ', different settings'})")
+    _compare_with_shipped(metrics, Path(args.out))
     print(f"wrote {args.out} (checkpoint + metrics.json); `crema run --checkpoint {args.out}` uses it")
 
 
-# --- Triton ------------------------------------------------------------------------------------
+def _compare_with_shipped(metrics: dict, out: Path) -> None:
+    """One line: this run's overall accuracy next to the shipped weights' (reference/demo)."""
+    import json
 
-def cmd_triton_repo(args) -> None:
-    from triton_models.repository import generate_repository, validate
-    repo = generate_repository(args.artifacts, args.out, flavour=args.flavour, precision=args.precision,
-                               instances=args.instances, max_input_mb=args.max_input_mb, trt_engines=args.trt_engines,
-                               cores=args.cores)
-    models = validate(repo)
-    print(f"wrote {repo}: {len(models)} models ({', '.join(sorted(models))}), flavour {args.flavour}, "
-          f"{args.precision}")
-    if args.flavour == "native":
-        print("serve it with NVIDIA's Triton container (docs/triton.md); the pip server runs --flavour python only")
-
-
-def cmd_serve(args) -> None:
-    import signal
-
-    from triton_models.server import ServerError, TritonServer
-    try:
-        server = TritonServer(args.repo, binary=args.tritonserver, host=args.host, http_port=args.http_port,
-                              grpc_port=args.grpc_port, metrics_port=args.metrics_port, cache_mb=args.cache_mb,
-                              log=args.log)
-    except ServerError as e:
-        raise SystemExit(f"error: {e}")
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True))
-    print(f"starting Triton on {args.repo} (log: {server.log_path or 'a temporary file'}) ...", flush=True)
-    try:
-        server.start(timeout=args.timeout)
-    except ServerError as e:
-        raise SystemExit(f"error: {e}")
-    e = server.endpoints
-    print(f"ready: HTTP {e.http_url}  gRPC {e.grpc_url}  metrics {e.host}:{e.metrics}\n"
-          f"ask:   crema ask --url {e.http_url} --video clip.mp4 --question \"...\"   (Ctrl-C stops the server)",
-          flush=True)
-    try:
-        while not stop and server.process.poll() is None:
-            time.sleep(0.2)
-        if not stop:
-            raise SystemExit(f"error: tritonserver exited ({server.process.returncode}):\n{server.log_tail()}")
-    finally:
-        code = server.stop()
-        print(f"stopped (tritonserver exit code {code})")
+    from reference.weights import DEMO_CHECKPOINT
+    shipped = DEMO_CHECKPOINT / "metrics.json"
+    if not shipped.is_file() or out.resolve() == DEMO_CHECKPOINT:
+        return
+    ref = json.loads(shipped.read_text())
+    same = ref["settings"] == json.loads(json.dumps(metrics["settings"]))  # tuples became lists
+    diff = 100 * (metrics["accuracy"]["overall"] - ref["accuracy"]["overall"])
+    print(f"shipped weights (reference/demo): overall {100 * ref['accuracy']['overall']:.1f}%; this run "
+          f"{100 * metrics['accuracy']['overall']:.1f}% ({diff:+.1f} points"
+          f"{'' if same else ', different settings'})")
 
 
-def cmd_ask(args) -> None:
-    from triton_models.client import AskError, CremaClient, tensors_from_files
-    frames = dict(item.split("=", 1) for item in args.visual)
-    tensors = tensors_from_files(args.question, video=args.video, depth=args.depth, audio=args.audio, pc=args.pc,
-                                 frames=frames, task=args.task, num_beams=args.beams,
-                                 max_new_tokens=args.max_new_tokens)
-    try:
-        with CremaClient(args.url, args.protocol, timeout_s=args.timeout) as client:
-            result = client.infer(tensors)
-    except AskError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    _print_answer(args.question, result.answer, result.option_scores, result.seconds, f"Triton {args.protocol} {args.url}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crema", description="CREMA inference runtime: reference, export, serving.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("info", help="parameter counts and LLM token budget of a preset (no weights allocated)")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--modalities")
-    p.add_argument("--task", choices=["concat", "espresso", "espresso_concat"])
-    p.add_argument("--downstream", choices=["oeqa", "mcqa"])
-    p.add_argument("--frames", type=int, dest="frame_num")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("run", help="answer one question in process: ONNX Runtime (--artifacts) or the PyTorch reference")
-    _model_args(p)
-    p.add_argument("--artifacts", type=Path, help="an artifact directory from `crema export` (runs without torch)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
-    p.add_argument("--low-memory", action="store_true",
-                   help="no ORT memory arena: lower peak memory, about 8%% slower vision stage")
-    p.add_argument("--precision", choices=["fp32", "int8", "mixed"], default="fp32",
-                   help="with --artifacts: INT8 graphs from `crema calibrate` (mixed: only the stages it chose)")
-    p.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"],
-                   help="with --artifacts: ONNX Runtime execution providers in priority order (repeatable; "
-                        "default cpu; cuda/tensorrt need onnxruntime-gpu and a GPU)")
-    p.add_argument("--beams", type=int, help="override the number of beams (oeqa)")
-    p.add_argument("--max-new-tokens", type=int, help="override the answer length limit")
-    _raw_input_args(p)
-    p.add_argument("--depth-model", type=Path, help="an ONNX monocular depth model to run on the frames instead")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("export", help="export every stage to ONNX: an artifact directory with manifest and tokenizer")
-    _model_args(p)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("parity", help="compare an artifact directory with the PyTorch reference, stage by stage")
-    p.add_argument("--artifacts", type=Path, required=True)
-    p.add_argument("--json", type=Path, help="where to write the report (default: ARTIFACTS/parity.json)")
-    p.set_defaults(func=cmd_parity)
-
-    p = sub.add_parser("checkpoint", help="write a preset's weights, config and tokenizer as a checkpoint directory")
-    _model_args(p)
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=cmd_checkpoint)
-
-    p = sub.add_parser("demo", help="generate a new synthetic clip, serve the trained demo model with Triton, "
-                                    "ask its questions, print answers, ground truth and latencies")
-    p.add_argument("--out", type=Path, default=Path("out/demo"))
-    p.add_argument("--clips", type=int, default=1, help="how many clips to generate and ask about")
-    p.add_argument("--in-process", action="store_true", help="ONNX Runtime in this process instead of a Triton server")
-    p.add_argument("--precision", choices=["fp32", "int8", "mixed"], default="int8",
-                   help="int8 (default)/mixed: calibrate the export first (`crema calibrate`, seconds on the "
-                        "demo model); FP32 if INT8 misses the fidelity bounds")
-    p.add_argument("--strict", action="store_true", help="exit 1 when an answer is wrong")
-    p.set_defaults(func=cmd_demo)
-
+def add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="INT8 graphs for every stage (ORT static QDQ / dynamic), TensorRT "
                                          "calibration tables, and the fidelity report vs FP32")
     p.add_argument("--artifacts", type=Path, required=True, help="an artifact directory from `crema export`")
@@ -393,24 +409,44 @@ def main(argv: list[str] | None = None) -> int:
                    help="quantize this stage dynamically instead of static QDQ; repeatable")
     p.add_argument("--keep-fp32", action="append", default=[], metavar="NAME",
                    help="keep nodes whose name contains NAME in FP32 (T5's DenseReluDense/wo always is); repeatable")
+    p.add_argument("--force", action="store_true",
+                   help="install the INT8 graphs even when they miss the fidelity bounds (benchmarks on random weights)")
     p.set_defaults(func=cmd_calibrate)
 
+
+def cmd_calibrate(args) -> None:
+    from calibration.calibrate import calibrate, format_report, report_path
+    from calibration.quantize import KEEP_FP32
+    report = calibrate(args.artifacts, data=args.data, method=args.method, questions=args.questions,
+                       eval_questions=args.eval_questions, dynamic=tuple(args.dynamic),
+                       keep_fp32=KEEP_FP32 + tuple(args.keep_fp32), force=args.force)
+    print(format_report(report))
+    installed = "INT8 graphs installed" if report["installed"] else "nothing installed: the artifacts are as they were"
+    print(f"({installed}; report: {report_path(args.artifacts, report)})", file=sys.stderr)
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
+def add_build_trt(sub) -> None:
     p = sub.add_parser("build-trt", help="TensorRT engines from the ONNX graphs (NVIDIA GPU; profiles from the "
                                          "stage specs, INT8 ranges from `crema calibrate`)")
     p.add_argument("--artifacts", type=Path, required=True)
-    p.add_argument("--precision", choices=["fp16", "int8"], default="fp16")
+    p.add_argument("--precision", choices=["fp16", "int8"], default="fp16")  # TensorRT's, not the ORT PRECISIONS
     p.set_defaults(func=cmd_build_trt)
 
-    p = sub.add_parser("train-demo", help="train the demo preset on the synthetic task (CPU, deterministic, "
-                                          "~12 min on 2 cores) and report held-out accuracy and the ablation")
-    p.add_argument("--out", type=Path, default=Path("out/train-demo"), help="checkpoint directory to write")
-    p.add_argument("--work", type=Path, help="where to generate the data (default: OUT/data)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--train-clips", type=int)
-    p.add_argument("--test-clips", type=int)
-    p.add_argument("--seed", type=int)
-    p.set_defaults(func=cmd_train_demo)
 
+def cmd_build_trt(args) -> None:
+    from calibration.tensorrt import TensorRTUnavailable, build_engines
+    try:
+        build_engines(args.artifacts, args.precision)
+    except TensorRTUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(3)
+
+
+# --- Triton ------------------------------------------------------------------------------------
+
+def add_triton_repo(sub) -> None:
     p = sub.add_parser("triton-repo", help="generate a Triton model repository (ensemble, python models, "
                                            "configs) from an artifact directory")
     p.add_argument("--artifacts", type=Path, required=True, help="an artifact directory from `crema export`")
@@ -418,41 +454,127 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flavour", choices=["python", "native"], default="python",
                    help="python: every stage a python model over ONNX Runtime (the pip server, CPU); native: "
                         "onnxruntime_onnx / tensorrt_plan models for NVIDIA's Triton containers")
-    p.add_argument("--precision", choices=["fp32", "int8", "mixed"], default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="which graphs to serve (int8/mixed need `crema calibrate`)")
     p.add_argument("--instances", type=int, default=1, help="instances per model")
     p.add_argument("--max-input-mb", type=int, default=64, help="refuse requests whose inputs exceed this")
     p.add_argument("--trt-engines", type=Path, help="native: a folder of {stage}.plan from `crema build-trt`")
+    p.add_argument("--cache-mb", type=int, default=64, help="response cache of each encoder model (per instance; "
+                                                           "0: none); it keeps successful outputs only")
     p.add_argument("--cores", type=int, help="CPU hosts: every model instance needs N free cores to run (Triton's "
                                             "rate limiter), so concurrent requests do not oversubscribe the CPU")
     p.set_defaults(func=cmd_triton_repo)
 
-    p = sub.add_parser("serve", help="start Triton on a repository (loopback), wait until ready, stop on Ctrl-C")
+
+def cmd_triton_repo(args) -> None:
+    from triton_models.repository import generate_repository, validate
+    repo = generate_repository(args.artifacts, args.out, flavour=args.flavour, precision=args.precision,
+                               instances=args.instances, max_input_mb=args.max_input_mb, trt_engines=args.trt_engines,
+                               cores=args.cores, cache_mb=args.cache_mb)
+    models = validate(repo)
+    print(f"wrote {repo}: {len(models)} models ({', '.join(sorted(models))}), flavour {args.flavour}, "
+          f"{args.precision}")
+    if args.flavour == "native":
+        print("serve it with NVIDIA's Triton container (docs/triton.md); the pip server runs --flavour python only")
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a repository: Triton behind a validating front, supervised (loopback); "
+                                     "Ctrl-C stops it")
     p.add_argument("--repo", type=Path, required=True)
     p.add_argument("--tritonserver", type=Path, help="a tritonserver binary (default: the one in nvidia-pytriton)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 exposes it)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--cache-mb", type=int, default=256, help="response cache size")
-    p.add_argument("--log", type=Path, help="server log file (default: a temporary file)")
+    p.add_argument("--max-in-flight", type=int, default=16, help="requests forwarded to Triton at once")
+    p.add_argument("--max-queued", type=int, default=256, help="requests waiting (bodies unread); more get 503")
+    p.add_argument("--request-timeout", type=float, default=300, help="seconds a request may take")
+    p.add_argument("--log", type=Path, help="Triton's log file (default: a temporary file)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness")
     p.set_defaults(func=cmd_serve)
 
+
+def cmd_serve(args) -> None:
+    import signal
+
+    from triton_models.service import ServerError, Service
+    limits = {"max_in_flight": args.max_in_flight, "max_queued": args.max_queued, "timeout_s": args.request_timeout}
+    try:
+        service = Service(args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, binary=args.tritonserver, log_file=args.log, limits=limits,
+                          log=lambda line: print(line, flush=True))
+        stop = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.append(True))
+        print(f"starting Triton on {args.repo} ...", flush=True)
+        service.start(timeout=args.timeout)
+    except ServerError as e:
+        raise ValueError(str(e)) from None  # main prints it: error: ..., exit code 2
+    e = service.endpoints
+    print(f"ready: HTTP {e.http_url}  gRPC {e.grpc_url}  metrics {e.host}:{e.metrics}  (Triton log: {service.log_path})\n"
+          f"ask:   crema ask --url {e.http_url} --video clip.mp4 --question \"...\"   (Ctrl-C stops the server)",
+          flush=True)
+    try:
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        code = service.stop()
+        sup, front = service.supervisor, service.front_counts
+        print(f"stopped (tritonserver exit code {code}); {sup.count('restart')} restarts, {sup.count('reload')} "
+              f"model reloads, {sup.count('load')} model loads; requests: {front['forwarded']} answered by Triton, "
+              f"{front['rejected']} refused by the front, {front['aborted']} failed by a restart, "
+              f"{front['busy']} turned away busy")
+
+
+def add_ask(sub) -> None:
     p = sub.add_parser("ask", help="ask the `crema` ensemble on a Triton server (HTTP or gRPC)")
     p.add_argument("--url", default="127.0.0.1:8000", help="host:port (HTTP 8000, gRPC 8001 by default)")
     p.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    p.add_argument("--task", choices=["oeqa", "mcqa"], help="default: the model's")
+    p.add_argument("--task", choices=DOWNSTREAM_TASKS, help="default: the model's")
     p.add_argument("--beams", type=int)
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--timeout", type=float, default=300, help="seconds")
     _raw_input_args(p)
     p.set_defaults(func=cmd_ask)
 
-    args = parser.parse_args(argv)
+
+def cmd_ask(args) -> None:
+    from runtime.text import clean_question
+    from triton_models.client import AskError, CremaClient, tensors_from_files
+
+    question = clean_question(args.question)
+    tensors = tensors_from_files(question, video=args.video, depth=args.depth, audio=args.audio, pc=args.pc,
+                                 frames=visual_files(args.visual), task=args.task, num_beams=args.beams,
+                                 max_new_tokens=args.max_new_tokens)
+    try:
+        with CremaClient(args.url, args.protocol, timeout_s=args.timeout) as client:
+            result = client.infer(tensors)
+    except AskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    _print_answer(question, result.answer, result.option_scores, result.seconds, f"Triton {args.protocol} {args.url}")
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+SUBCOMMANDS = (add_info, add_run, add_export, add_parity, add_checkpoint, add_demo, add_calibrate, add_build_trt,
+               add_train_demo, add_triton_repo, add_serve, add_ask)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crema", description="CREMA inference runtime: reference, export, serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # our errors name the problem: no traceback
+    except (ValueError, OSError) as e:  # our errors name the problem; OSError: a file the user named
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -66,6 +66,12 @@ def build_preset_tokenizer() -> Tokenizer:
     return tok
 
 
+def normalize_whitespace(text: str) -> str:
+    """Any run of whitespace (newlines, tabs, repeated spaces) -> one space, ends stripped: the same
+    rule as runtime.text.normalize_whitespace (reference and runtime do not import each other)."""
+    return " ".join(text.split())
+
+
 class TextTokenizer:
     """CREMA's uses of the T5 tokenizer, with HF `padding="longest", truncation=True` semantics."""
 
@@ -100,9 +106,13 @@ class TextTokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, texts: list[str], max_len: int, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Texts -> (ids [B, L] int64, mask [B, L] int64), padded to the longest, cut to max_len."""
+        """Texts -> (ids [B, L] int64, mask [B, L] int64), padded to the longest, cut to max_len.
+
+        Questions and answers (add_eos) have their whitespace collapsed as runtime.text does; the
+        frame prefixes (add_eos=False, e.g. "Frame 1: ") are CREMA's literal strings, kept verbatim."""
+        texts = [normalize_whitespace(t) for t in texts] if add_eos else list(texts)
         rows = []
-        for enc in self.tok.encode_batch(list(texts), add_special_tokens=False):
+        for enc in self.tok.encode_batch(texts, add_special_tokens=False):
             ids = enc.ids[: max_len - 1] if add_eos else enc.ids[:max_len]
             rows.append(ids + [self.eos_id] if add_eos else ids)
         width = max(len(r) for r in rows)

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .beats import BEATS_CFG_FIELDS
 from .config import ALL_MODALITIES, AudioConfig, CremaConfig, QFormerConfig, T5Config, VisionConfig
+from .lora import MultiLoRALinear
 from .model import Crema
 from .tokenizer import TextTokenizer
 
@@ -253,12 +255,30 @@ def load_checkpoint(directory: str | Path, **config_overrides) -> Crema:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory}: missing {name} (not a crema checkpoint directory)")
-    cfg = CremaConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text())["crema"])
+    cfg = CremaConfig.from_dict(_read_config(directory / CONFIG_FILE))
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
     model = Crema(cfg, TextTokenizer.from_file(directory))
-    load_state(model, load_file(str(directory / WEIGHTS_FILE)))
+    load_state(model, read_safetensors(directory / WEIGHTS_FILE))
     return model
+
+
+def _read_config(path: Path) -> dict:
+    """Our config.json's "crema" entry; unreadable JSON or a missing entry names the file."""
+    try:
+        return json.loads(path.read_text())["crema"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path}: no 'crema' entry (not written by `crema checkpoint`)") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """One .safetensors file; a truncated or corrupt one is a CheckpointError naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
 
 
 def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
@@ -268,7 +288,7 @@ def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
                               "transformers' save_pretrained(safe_serialization=True))")
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(read_safetensors(f))
     return state
 
 
@@ -308,7 +328,10 @@ def config_from_blip2_dir(directory: str | Path, **crema_options) -> CremaConfig
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE} (expected a HF BLIP-2 FlanT5 directory)")
-    hf = json.loads(path.read_text())
+    try:
+        hf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     try:
         v, q, t = hf["vision_config"], hf["qformer_config"], hf["text_config"]
         vision = VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 14),
@@ -364,3 +387,38 @@ def demo_model(**config_overrides) -> Crema:
         raise CheckpointError(f"{DEMO_CHECKPOINT}: the demo weights are missing; `crema train-demo --out "
                               f"{DEMO_CHECKPOINT}` recreates them")
     return load_checkpoint(DEMO_CHECKPOINT, **config_overrides)
+
+
+# --- parameter counts ---------------------------------------------------------------------------
+
+def parameter_table(model: Crema) -> list[tuple[str, int]]:
+    """(part, parameter count) for each part of the model, and the total (`crema info`)."""
+    def count(params) -> int:
+        return sum(p.numel() for p in params)
+
+    cfg, rows = model.cfg, []
+    if cfg.visual_modalities:
+        # HF stores EVA's q/v biases as one qkv bias whose k third is zero: not an EVA parameter
+        k_bias = cfg.vision.num_layers * cfg.vision.hidden_size
+        rows.append((f"vision encoder (EVA ViT, {cfg.vision.num_layers} blocks)",
+                     count(model.vision_model.parameters()) - k_bias))
+    if "audio" in cfg.modality_names:
+        rows.append(("audio encoder (BEATs) + projection", count(model.audio_encoder.parameters())
+                     + count(model.projection_audio.parameters())))
+    lora = {m: 0 for m in cfg.modality_names}
+    for module in model.qformer.modules():
+        if isinstance(module, MultiLoRALinear):
+            for m in lora:
+                lora[m] += sum(count(getattr(module, f"{w}_{m}").parameters()) for w in ("w_a", "w_b"))
+    rows.append(("Q-Former (BLIP-2, shared)", count(model.qformer.parameters()) - sum(lora.values())))
+    for m in cfg.modality_names:
+        head = [getattr(model, f"query_tokens_{m}")] + list(getattr(model, f"t5_proj_{m}").parameters())
+        if hasattr(model, f"ln_{m}"):
+            head += list(getattr(model, f"ln_{m}").parameters())
+        rows.append((f"MMQA-{m}: LoRA r={cfg.lora_rank} + query tokens, t5_proj, ln", lora[m] + count(head)))
+    if cfg.espresso:
+        rows.append(("espresso fusion", count(model.fusion.parameters())))
+    rows.append((f"LLM (Flan-T5, {cfg.t5.num_layers}+{cfg.t5.num_decoder_layers} layers)",
+                 count(model.language_model.parameters())))
+    rows.append(("total", sum(n for _, n in rows)))
+    return rows

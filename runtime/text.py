@@ -1,8 +1,11 @@
-"""Question tokenization for the runtime: CREMA's HF-tokenizer semantics with `tokenizers` only.
+"""Question text for the runtime: cleaning at the boundary, and CREMA's HF-tokenizer semantics with
+`tokenizers` only.
 
-Same behaviour as reference/tokenizer.py (parity tests check it): questions get </s> appended and
-are padded to the longest in the batch. Unlike CREMA, a question longer than the exported maximum
-is refused rather than silently cut.
+`clean_question` is what every entry point (CLI, Triton) applies to a raw question: strict UTF-8,
+whitespace collapsed. Tokenization has the same behaviour as reference/tokenizer.py (parity tests
+check it): whitespace is collapsed there too, questions get </s> appended and are padded to the
+longest in the batch. Unlike CREMA, a question longer than the exported maximum is refused rather
+than silently cut.
 """
 from __future__ import annotations
 
@@ -14,8 +17,46 @@ from tokenizers import Tokenizer
 EOS_ID, PAD_ID = 1, 0
 
 
-class QuestionTooLong(ValueError):
-    pass
+class QuestionError(ValueError):
+    """A question that cannot be asked (invalid UTF-8, empty); the message names the field."""
+
+
+class QuestionTooLong(QuestionError):
+    """More tokens than the exported maximum (max_txt_len)."""
+
+
+def normalize_whitespace(text: str) -> str:
+    """Any run of whitespace (newlines, tabs, repeated spaces) -> one space; ends stripped. A line
+    break inside a question is layout, not content: the model never saw one in training."""
+    return " ".join(text.split())
+
+
+def clean_question(raw: str | bytes) -> str:
+    """A raw question (bytes off the wire, or a str from argv) -> the text the model reads.
+
+    Bytes must be strict UTF-8; a str must not hold lone surrogates (argv carries undecodable bytes
+    as surrogate escapes). Either is refused naming the offset, as is an empty question."""
+    if isinstance(raw, str):
+        raw = _argv_bytes(raw)
+    elif not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise QuestionError(f"question: expected text, got {type(raw).__name__}")
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise QuestionError(f"question: not valid UTF-8 at byte {e.start} ({e.reason})") from None
+    text = normalize_whitespace(text)
+    if not text:
+        raise QuestionError("question: empty (an empty question has no answer)")
+    return text
+
+
+def _argv_bytes(text: str) -> bytes:
+    """A str back to the bytes it came from; surrogate escapes become the bytes they stand for."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:  # a surrogate that escapes no byte (e.g. from a JSON "\ud800")
+        raise QuestionError(f"question: not valid UTF-8 at character {e.start} (lone surrogate "
+                            f"{text[e.start]!r})") from None
 
 
 class QuestionTokenizer:
@@ -26,7 +67,8 @@ class QuestionTokenizer:
     def encode(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """-> question_ids, question_mask: [B, L] int64, L = longest question + </s>."""
         rows = []
-        for i, enc in enumerate(self.tok.encode_batch(list(questions), add_special_tokens=False)):
+        texts = [normalize_whitespace(q) for q in questions]
+        for i, enc in enumerate(self.tok.encode_batch(texts, add_special_tokens=False)):
             if len(enc.ids) + 1 > self.max_len:
                 raise QuestionTooLong(f"questions[{i}]: {len(enc.ids) + 1} tokens, the exported maximum is "
                                       f"{self.max_len} (max_txt_len)")

@@ -109,3 +109,21 @@ def test_raw_inputs_for_every_modality(tmp_path):
     assert "answer:" in ort_answer and ort_answer == ref_answer
     proc = crema("run", "--artifacts", str(tmp_path / "art"), "--video", str(clip), "--question", "Q?", check=False)
     assert proc.returncode == 2 and "depth: give depth maps or a depth model" in proc.stderr
+
+
+def test_line_breaks_in_a_question_do_not_change_the_answer(tmp_path):
+    """The demo model on a new clip: the colour question typed over three lines gets the one-line
+    question's (right) answer, from the reference and through ONNX Runtime."""
+    from reference.config import preset
+    from synthetic.generator import clip_files, read_questions
+    from training.demo import demo_data
+    data = demo_data(tmp_path / "clips", 1, 1, preset("demo").to_dict())
+    q = next(q for q in read_questions(data) if q.qtype == "colour")
+    words = q.question.split()
+    ragged = f"{' '.join(words[:2])}\n{' '.join(words[2:4])}\n\t{' '.join(words[4:])} "
+    files = [f"--{k}={v}" for k, v in clip_files(data / q.clip).items()]
+    crema("export", "--preset", "demo", "--out", str(tmp_path / "art"), "--quiet")
+    for source in (["--preset", "demo"], ["--artifacts", str(tmp_path / "art")]):
+        one_line = crema("run", *source, *files, "--question", q.question).stdout
+        assert f"answer:   {q.answer}\n" in one_line
+        assert crema("run", *source, *files, "--question", ragged).stdout == one_line

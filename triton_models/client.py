@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+
+from runtime.files import InputFileError, read_bytes, read_npy, read_points
 
 from .layout import ENSEMBLE
 
@@ -67,14 +68,22 @@ def request_tensors(question: str | bytes, video: bytes | None = None, depth: by
 
 def tensors_from_files(question: str, video=None, depth=None, audio=None, pc=None, frames: dict | None = None,
                        **options) -> dict[str, np.ndarray]:
-    """Like request_tensors, from paths: pc is a .npz with feat and coords, frames modality -> .npy."""
-    read = lambda p: None if p is None else Path(p).read_bytes()  # noqa: E731
-    feat = coords = None
-    if pc is not None:
-        with np.load(pc, allow_pickle=False) as data:
-            feat, coords = data["feat"], data["coords"]
-    return request_tensors(question, read(video), read(depth), read(audio), feat, coords,
-                           {m: np.load(p, allow_pickle=False) for m, p in (frames or {}).items()}, **options)
+    """Like request_tensors, from paths: pc is a .npz with feat and coords, frames modality -> .npy.
+    A missing, unreadable or malformed file is an InputFileError naming the field and the file."""
+    feat, coords = read_points(pc) if pc is not None else (None, None)
+    arrays = {m: read_npy(p, f"frames[{m!r}] {p}") for m, p in (frames or {}).items()}
+    return request_tensors(question, _file_bytes(video, "video"), _file_bytes(depth, "depth"),
+                           _file_bytes(audio, "audio"), feat, coords, arrays, **options)
+
+
+def _file_bytes(path, field: str) -> bytes | None:
+    """A file's bytes to send as `field` (None when no path); refused clearly when it cannot be read."""
+    if path is None:
+        return None
+    data = read_bytes(path, f"{field}: {path}")
+    if not data:
+        raise InputFileError(f"{field}: {path}: an empty file")
+    return data
 
 
 class CremaClient:
