@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/crema demo --out out/demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 clean:

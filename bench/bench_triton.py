@@ -37,7 +37,7 @@ from synthetic.generator import clip_files, read_questions  # noqa: E402
 from training.demo import demo_data  # noqa: E402
 from triton_models.client import CremaClient, tensors_from_files  # noqa: E402
 from triton_models.repository import generate_repository  # noqa: E402
-from triton_models.server import TritonServer  # noqa: E402
+from triton_models.service import Service  # noqa: E402
 
 NEEDS = {"video": ("rgb", "flow", "depth", "norm"), "depth": ("depth", "norm"), "audio": ("audio",), "pc": ("pc",)}
 
@@ -81,7 +81,7 @@ def run(preset_name: str, clips: int, work: Path, cores: int | None = None, prec
     artifacts = exported(make_model, work / f"artifacts-{preset_name}", source)
     if precision != "fp32" and "int8" not in Artifacts(artifacts).manifest:
         from calibration.calibrate import calibrate  # few calls: speed, not fidelity (bench_int8.py)
-        calibrate(artifacts, questions=8, eval_questions=2, max_feeds=3)
+        calibrate(artifacts, questions=8, eval_questions=2, max_feeds=3, force=True)
     pipeline = Pipeline(artifacts, precision=precision)
     config = pipeline.config
     n_latency, n_throughput = clips, 2 * max(clips, 4)
@@ -106,7 +106,7 @@ def run(preset_name: str, clips: int, work: Path, cores: int | None = None, prec
         decode_answers(pipeline.stages, hidden, mask, pipeline.generation(), pipeline.tokenizer, pipeline.answer_ids)
         return time.perf_counter() - start
 
-    with TritonServer(repo, log=work / "server.log") as server:
+    with Service(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=work / "server.log") as server:
         url = server.endpoints.http_url
 
         def remote(clip: Clip, q: int = 0, client: CremaClient | None = None):

@@ -79,11 +79,11 @@ def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED, triton: bool = Tr
         return _ask_all(data, questions, in_process, f"ONNX Runtime in process, {precision}")
     from triton_models.client import CremaClient, tensors_from_files
     from triton_models.repository import generate_repository
-    from triton_models.server import TritonServer
+    from triton_models.service import Service
     repo = generate_repository(artifacts, out / "repository", flavour="python", precision=precision)
-    print(f"wrote the Triton repository {repo}; starting the server on loopback ...", flush=True)
+    print(f"wrote the Triton repository {repo}; starting the server (front + supervised Triton) on loopback ...", flush=True)
     start = time.perf_counter()
-    with TritonServer(repo, log=out / "tritonserver.log") as server:
+    with Service(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=out / "tritonserver.log") as server:
         print(f"Triton ready in {time.perf_counter() - start:.1f} s: HTTP {server.endpoints.http_url}, "
               f"gRPC {server.endpoints.grpc_url}")
         with CremaClient(server.endpoints.http_url) as client:

@@ -8,6 +8,9 @@ LlmModel         question + modality tokens -> fuse_encode -> decode loop over d
                  the stages run in this process (python flavour) or as other models through BLS (native)
 
 A bad request gets an error response naming the problem; the model keeps serving the others.
+StageModel and PreprocessModel keep their successful outputs in a ResponseCache (triton_models/cache.py;
+size: the config parameter `cache_bytes`, 0 = none) and count hits and misses as Prometheus metrics
+`crema_cache_hits_total` / `crema_cache_misses_total` {model=...} on Triton's metrics endpoint.
 Only importable inside Triton's python backend stub (triton_python_backend_utils).
 """
 from __future__ import annotations
@@ -23,16 +26,23 @@ from runtime.inputs import request_from_files
 from runtime.pipeline import (RequestError, Stage, check_inputs, decode_answers, fuse_encode,
                               generation_settings, session_options)
 from runtime.specs import VISUAL, StageSpec, modality_names, stage_specs
-from runtime.text import QuestionTokenizer
+from runtime.text import QuestionTokenizer, clean_question
 
+from .cache import ResponseCache
 from .layout import LLM_STAGES, MODEL_INFO, TASK_INPUTS
 
 MAX_QUESTION_BYTES = 4096
+RAW_INPUTS = ("video", "depth", "audio", "pc_feat", "pc_coords")
 
 
 def _model_info(args: dict) -> tuple[Path, dict]:
     version = Path(args["model_repository"]) / args["model_version"]
     return version, json.loads((version / MODEL_INFO).read_text())
+
+
+def _parameter(args: dict, name: str, default: int) -> int:
+    params = json.loads(args["model_config"]).get("parameters", {})
+    return int(params.get(name, {}).get("string_value", default))
 
 
 def _input(request, name: str) -> np.ndarray | None:
@@ -45,56 +55,97 @@ def _blob(x: np.ndarray | None) -> bytes | None:
     return None if x is None else bytes(x.reshape(-1)[0])
 
 
+def _response(outputs: dict | Exception):
+    if isinstance(outputs, ValueError):  # ours: RequestError, ModalityError, VideoError, AudioError, ...
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outputs)))
+    if isinstance(outputs, Exception):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(outputs).__name__}: {outputs}"))
+    return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])
+
+
+def _attempt(handle, *args) -> dict | Exception:
+    try:
+        return handle(*args)
+    except Exception as e:  # noqa: BLE001 - anything answers this request only
+        return e
+
+
 def _respond(requests, handle) -> list:
     """One response per request: handle(request) -> {name: array}, or an error naming the problem."""
-    responses = []
-    for request in requests:
-        try:
-            outputs = handle(request)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()]))
-        except ValueError as e:  # ours: RequestError, ModalityError, VideoError, AudioError, ...
-            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
-        except Exception as e:  # noqa: BLE001 - anything else still answers this request only
-            responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(e).__name__}: {e}")))
-    return responses
+    return [_response(_attempt(handle, r)) for r in requests]
 
 
-class StageModel:
+class CachedModel:
+    """Answers each request from the cache or by `compute(feeds)`; keeps only successes."""
+
+    def init_cache(self, args: dict) -> None:
+        self.cache = ResponseCache(_parameter(args, "cache_bytes", 0))
+        labels = {"model": args["model_name"]}
+        # the families must outlive their metrics: keep both
+        self.metric_families = [pb_utils.MetricFamily(name=f"crema_cache_{what}_total", description=text,
+                                                      kind=pb_utils.MetricFamily.COUNTER)
+                                for what, text in (("hits", "requests answered from the model's response cache"),
+                                                   ("misses", "requests the model computed"))]
+        self.hits, self.misses = (f.Metric(labels) for f in self.metric_families)
+
+    def answer_all(self, feeds: list[dict], compute) -> list:
+        """compute(list of feeds) -> list of outputs or exceptions, one per feed."""
+        if not self.cache.max_bytes:
+            return [_response(x) for x in compute(feeds)]
+        keys = [ResponseCache.key(f) for f in feeds]
+        results = [self.cache.get(k) for k in keys]
+        todo = [i for i, r in enumerate(results) if r is None]
+        if len(todo) < len(feeds):
+            self.hits.increment(len(feeds) - len(todo))
+        if todo:
+            self.misses.increment(len(todo))
+            for i, out in zip(todo, compute([feeds[i] for i in todo])):
+                results[i] = out
+                if not isinstance(out, Exception):
+                    self.cache.put(keys[i], out)
+        return [_response(r) for r in results]
+
+
+class StageModel(CachedModel):
     def initialize(self, args: dict) -> None:
         version, info = _model_info(args)
         self.spec: StageSpec = stage_specs(info["config"])[info["stage"]]
         # no spinning: a dozen model processes share the cores
         self.stage = Stage(self.spec, version / "model.onnx", session_options(spin=False), ["CPUExecutionProvider"])
         self.batched = json.loads(args["model_config"])["max_batch_size"] > 0
+        self.init_cache(args)
 
     def execute(self, requests: list) -> list:
-        feeds = [{n: _input(r, n) for n in self.spec.input_names} for r in requests]
-        if not self.batched or len(requests) == 1:
-            return _respond(range(len(requests)), lambda i: self.stage(**feeds[i]))
+        return self.answer_all([{n: _input(r, n) for n in self.spec.input_names} for r in requests], self.compute)
+
+    def compute(self, feeds: list[dict]) -> list:
+        if not self.batched or len(feeds) == 1:
+            return [_attempt(lambda f: self.stage(**f), f) for f in feeds]
         sizes = [f[self.spec.input_names[0]].shape[0] for f in feeds]
         try:
             out = self.stage(**{n: np.concatenate([f[n] for f in feeds]) for n in self.spec.input_names})
         except Exception:  # noqa: BLE001 - one bad request must not fail the batch: answer each alone
-            return _respond(range(len(requests)), lambda i: self.stage(**feeds[i]))
-        cuts = np.cumsum(sizes)[:-1]
-        parts = {k: np.split(v, cuts) for k, v in out.items()}
-        return _respond(range(len(requests)), lambda i: {k: v[i] for k, v in parts.items()})
+            return [_attempt(lambda f: self.stage(**f), f) for f in feeds]
+        parts = {k: np.split(v, np.cumsum(sizes)[:-1]) for k, v in out.items()}
+        return [{k: v[i] for k, v in parts.items()} for i in range(len(feeds))]
 
 
-class PreprocessModel:
+class PreprocessModel(CachedModel):
     def initialize(self, args: dict) -> None:
         _, info = _model_info(args)
         self.config = info["config"]
         self.names = modality_names(self.config)
-        params = json.loads(args["model_config"]).get("parameters", {})
-        self.max_bytes = int(params.get("max_input_bytes", {}).get("string_value", 64 << 20))
+        self.max_bytes = _parameter(args, "max_input_bytes", 64 << 20)
+        self.init_cache(args)
 
     def execute(self, requests: list) -> list:
-        return _respond(requests, self.preprocess)
+        names = RAW_INPUTS + tuple(f"{m}_frames" for m in self.names if m in VISUAL)
+        return self.answer_all([{n: _input(r, n) for n in names} for r in requests],
+                               lambda feeds: [_attempt(self.preprocess, f) for f in feeds])
 
-    def preprocess(self, r) -> dict:
-        raw = {n: _input(r, n) for n in ("video", "depth", "audio", "pc_feat", "pc_coords")}
-        frames = {m: x for m in self.names if m in VISUAL and (x := _input(r, f"{m}_frames")) is not None}
+    def preprocess(self, feed: dict) -> dict:
+        raw = {n: feed[n] for n in RAW_INPUTS}
+        frames = {m: x for m in self.names if m in VISUAL and (x := feed[f"{m}_frames"]) is not None}
         size = sum(len(_blob(x)) if x.dtype == object else x.nbytes for x in [*raw.values(), *frames.values()]
                    if x is not None)
         if size > self.max_bytes:
@@ -152,10 +203,7 @@ class LlmModel:
             raise RequestError("question: missing")
         if len(data) > MAX_QUESTION_BYTES:
             raise RequestError(f"question: {len(data)} bytes, the limit is {MAX_QUESTION_BYTES}")
-        text = data.decode("utf-8", errors="replace").strip()
-        if not text:
-            raise RequestError("question: empty")
-        return text
+        return clean_question(data)  # strict UTF-8, whitespace collapsed as the CLI and the reference do
 
     def tokens(self, r) -> dict[str, np.ndarray]:
         """Each modality's tokens in fuse_encode's layout (one request)."""

@@ -16,8 +16,10 @@
 
 Every config.pbtxt is built as Triton's ModelConfig protobuf (tritonclient ships it) and written in
 its text format, so the files parse by construction; `validate` parses a repository back.
-Encoder steps (preprocess, vision, audio_encoder, mmqa_*) get the response cache, so a repeated
-video skips them, and the batched ones (vision, audio_encoder, visual/audio mmqa) dynamic batching.
+Encoder steps (preprocess, vision, audio_encoder, mmqa_*) keep a response cache in their process
+(python flavour: triton_models/cache.py, `cache_bytes` per model; not Triton's, which stores errors),
+so a repeated video skips them; the batched ones (vision, audio_encoder, visual/audio mmqa) get
+dynamic batching. The native flavour's ONNX Runtime/TensorRT models have no cache.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def batched(spec: StageSpec) -> bool:
     return spec.batch_axis is not None and all(t.dims[0] == spec.batch_axis for t in spec.inputs + spec.outputs)
 
 
-def stage_config(spec: StageSpec, flavour: str, cache: bool, instances: int) -> mc.ModelConfig:
+def stage_config(spec: StageSpec, flavour: str, cache_bytes: int, instances: int) -> mc.ModelConfig:
     """A stage's ModelConfig: inputs/outputs from its spec; batched stages get max_batch_size = the
     spec's TensorRT profile maximum on the batch axis and the dynamic batcher."""
     is_batched = batched(spec)
@@ -72,8 +74,8 @@ def stage_config(spec: StageSpec, flavour: str, cache: bool, instances: int) -> 
         cfg.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU if flavour == "python"
                            else mc.ModelInstanceGroup.KIND_AUTO)
-    if cache:
-        cfg.response_cache.enable = True
+    if flavour == "python":
+        cfg.parameters["cache_bytes"].string_value = str(cache_bytes)
     return cfg
 
 
@@ -101,14 +103,12 @@ def preprocess_io(config: dict, names: list[str]) -> tuple[list, list]:
     return inputs, outputs
 
 
-def python_config(name: str, inputs: list, outputs: list, cache: bool, instances: int,
+def python_config(name: str, inputs: list, outputs: list, instances: int,
                   parameters: dict[str, str] | None = None) -> mc.ModelConfig:
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
     cfg.input.extend(_io(mc.ModelInput, *x) for x in inputs)
     cfg.output.extend(_io(mc.ModelOutput, *x) for x in outputs)
     cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
-    if cache:
-        cfg.response_cache.enable = True
     for k, v in (parameters or {}).items():
         cfg.parameters[k].string_value = v
     return cfg
@@ -180,13 +180,14 @@ def _python_model(directory: Path, cls: str, info: dict) -> None:
 
 def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "python", precision: str = "fp32",
                         instances: int = 1, max_input_mb: int = 64, trt_engines: str | Path | None = None,
-                        cores: int | None = None) -> Path:
+                        cores: int | None = None, cache_mb: int = 64) -> Path:
     """Write the repository (atomically: a temp folder renamed into place); returns its path.
 
     trt_engines: native flavour only, a folder of `{stage}.plan` (crema build-trt); those stages
     become tensorrt_plan models, the rest onnxruntime_onnx.
     cores: CPU hosts: each model instance needs this many of the server's cores to run (Triton's
-    rate limiter), so concurrent requests do not run several multi-threaded stages at once."""
+    rate limiter), so concurrent requests do not run several multi-threaded stages at once.
+    cache_mb: each encoder model's response cache (per instance; 0 = none)."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
     if trt_engines and flavour != "native":
@@ -198,7 +199,7 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(tmp, art, flavour, precision, instances, max_input_mb, trt_engines, cores)
+        _write(tmp, art, flavour, precision, instances, max_input_mb, trt_engines, cores, cache_mb << 20)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -208,7 +209,7 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
 
 
 def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: int, max_input_mb: int,
-           trt_engines, cores: int | None) -> None:
+           trt_engines, cores: int | None, cache_bytes: int) -> None:
     config, names = art.config, art.modalities
     encoders = {"vision", "audio_encoder"} | {f"mmqa_{m}" for m in names}
     # python flavour: the llm model runs the LLM stages in its own process (a BLS hop per decode
@@ -221,7 +222,7 @@ def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: i
             continue
         version = tmp / name / "1"
         version.mkdir(parents=True)
-        cfg = configs[name] = stage_config(spec, flavour, cache=name in encoders, instances=instances)
+        cfg = configs[name] = stage_config(spec, flavour, cache_bytes if name in encoders else 0, instances)
         plan = Path(trt_engines) / f"{name}.plan" if trt_engines else None
         if plan is not None and plan.is_file():
             cfg.platform, cfg.default_model_filename = "tensorrt_plan", "model.plan"
@@ -231,10 +232,11 @@ def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: i
         if flavour == "python":
             _python_model(tmp / name, "StageModel", {"stage": name, "config": config})
     pre_in, pre_out = preprocess_io(config, names)
-    configs[PREPROCESS] = python_config(PREPROCESS, pre_in, pre_out, cache=True, instances=instances,
-                                        parameters={"max_input_bytes": str(max_input_mb << 20)})
+    configs[PREPROCESS] = python_config(PREPROCESS, pre_in, pre_out, instances,
+                                        parameters={"max_input_bytes": str(max_input_mb << 20),
+                                                    "cache_bytes": str(cache_bytes)})
     _python_model(tmp / PREPROCESS, "PreprocessModel", {"config": config})
-    configs[LLM] = python_config(LLM, llm_inputs(config, names), ANSWER_OUTPUTS, cache=False, instances=instances)
+    configs[LLM] = python_config(LLM, llm_inputs(config, names), ANSWER_OUTPUTS, instances)
     _python_model(tmp / LLM, "LlmModel", {"config": config, "answer_ids": art.manifest["answer_ids"],
                                            "local_stages": local})
     _place(art.dir / TOKENIZER, tmp / LLM / "1" / TOKENIZER)
