@@ -217,7 +217,7 @@ def wait_ready(service, timeout: float = 90) -> None:
 
 
 def stub_pid(service, model: str) -> int:
-    return next(pid for pid, m in python_stubs(service.server.process.pid).items() if m == model)
+    return next(pid for pid, s in python_stubs(service.server.process.pid).items() if s.model == model)
 
 
 def distinct_requests(served, n: int) -> list[dict]:
@@ -234,6 +234,8 @@ def test_a_killed_preprocess_under_load_fails_fast_and_poisons_nothing(served):
     requests = distinct_requests(served, 16)
     want = good(served)[1]
     preprocess = stub_pid(service, "preprocess")
+    dead_region = python_stubs(service.server.process.pid)[preprocess].region
+    assert os.path.exists(f"/dev/shm/{dead_region}")
     os.kill(preprocess, signal.SIGSTOP)
     outcomes = {}
 
@@ -260,6 +262,7 @@ def test_a_killed_preprocess_under_load_fails_fast_and_poisons_nothing(served):
     wait_ready(service)
     with CremaClient(service.endpoints.http_url) as client:
         assert [client.infer(r).answer for r in requests] == [want] * 16
+    assert not os.path.exists(f"/dev/shm/{dead_region}")  # Triton leaves a dead process's shared memory
 
 
 def test_a_crashed_tritonserver_is_restarted_and_in_flight_requests_fail_at_once(served):
@@ -267,6 +270,7 @@ def test_a_crashed_tritonserver_is_restarted_and_in_flight_requests_fail_at_once
     restarts = service.supervisor.count("restart")
     requests = distinct_requests(served, 4)
     os.kill(stub_pid(service, "llm"), signal.SIGSTOP)  # requests wait inside llm
+    regions = {stub.region for stub in python_stubs(service.server.process.pid).values()}
     outcomes = []
 
     def ask(r):
@@ -302,6 +306,9 @@ def test_a_crashed_tritonserver_is_restarted_and_in_flight_requests_fail_at_once
     assert any("tritonserver stopped (killed by SIGABRT)" in line for line in served["log"])
     wait_ready(service)
     assert_serving(served)
+    assert not any(os.path.exists(f"/dev/shm/{r}") for r in regions)  # the dead server's shared memory: gone
+    live = {stub.region for stub in python_stubs(service.server.process.pid).values()}
+    assert live and all(os.path.exists(f"/dev/shm/{r}") for r in live)
 
 
 def test_64_clients_mixing_good_and_bad_requests_while_a_model_process_dies(served):
@@ -348,3 +355,73 @@ def test_a_taken_port_is_named_in_the_first_line(served):
     assert out.returncode == 2, out
     assert out.stderr.splitlines()[0].startswith(f"error: HTTP port {port} on 127.0.0.1 is not free"), out.stderr
     assert "NVML" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_what_triton_gets_is_what_the_front_checked(served):
+    """A key given twice: Python keeps the last, Triton's parser the first; the front refuses it
+    (and forwards only what it parsed), else this 353-byte request aborted Triton."""
+    service = served["service"]
+    pid = service.server.process.pid
+    ones = ",".join(["1.0"] * 64)
+    smuggled = [
+        f'{{"inputs":[{{"name":"pc_feat","shape":[1000000000,64],"shape":[1,64],"datatype":"FP32","data":[{ones}]}}]}}',
+        f'{{"inputs":[{{"name":"zzz","name":"pc_feat","shape":[1,64],"datatype":"FP32","data":[{ones}]}}]}}',
+        '{"inputs":' + SHAPE_BOMB.decode()[10:-1] + ',"inputs":[{"name":"question","shape":[1],"datatype":"BYTES",'
+        '"data":["q"]}]}',
+    ]
+    for body in smuggled:
+        status, answer = post(service, "/v2/models/crema/infer", body.encode())
+        assert status == 400 and "twice" in answer["error"], (body[:80], status, answer)
+    status, answer = post(service, "/v2/models/crema/infer", b'{"inputs":[{"name":"pc_feat","shape":[1,64],'
+                          b'"datatype":"FP32","data":[NaN' + b",1.0" * 63 + b"]}]}")
+    assert status == 400 and "NaN" in answer["error"]
+    status, answer = post(service, "/v2/models/crema/infer", SHAPE_BOMB, {"Inference-Header-Content-Length": "²"})
+    assert status == 400 and "not a length" in answer["error"]
+    assert service.server.process.pid == pid and service.server.process.poll() is None
+    assert_serving(served)
+
+
+def test_bad_content_is_a_client_error_and_a_gzip_body_is_never_inflated(served):
+    service = served["service"]
+    tensors, _ = good(served)
+    conn = http.client.HTTPConnection(service.endpoints.host, service.endpoints.http, timeout=60)
+    # the models' own refusals are 400 (they were 500, "the server failed")
+    from tritonclient.http import InferenceServerClient, InferInput
+    client = InferenceServerClient(service.endpoints.http_url)
+    x = InferInput("video", [1], "BYTES")
+    x.set_data_from_numpy(np.array([b"not a video"], dtype=object))
+    q = InferInput("question", [1], "BYTES")
+    q.set_data_from_numpy(tensors["question"])
+    with pytest.raises(Exception) as err:
+        client.infer("crema", [q, x])
+    assert "[400]" in str(err.value) or "400" in str(getattr(err.value, "status", lambda: "")()), str(err.value)
+    # 64 MiB of zeros compressed to ~64 KB: refused at once, without inflating it
+    import gzip
+    bomb = gzip.compress(b"\0" * (64 << 20))
+    start = time.monotonic()
+    conn.request("POST", "/nothing-here", body=bomb, headers={"Content-Encoding": "gzip"})
+    assert conn.getresponse().status == 404 and time.monotonic() - start < 2.0
+    conn.close()
+    assert_serving(served)
+
+
+def test_slow_clients_do_not_hold_the_server(served):
+    """32 clients that send headers and one byte of a 1000-byte body, then stall (slowloris): a good
+    request is still answered at once (it waited for them: ~30 s), and they are cut off."""
+    service = served["service"]
+    slow = []
+    for _ in range(32):
+        s = socket.create_connection((service.endpoints.host, service.endpoints.http), timeout=60)
+        s.sendall(b"POST /v2/models/crema/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{")
+        slow.append(s)
+    time.sleep(0.5)
+    start = time.monotonic()
+    assert_serving(served)
+    assert time.monotonic() - start < 10.0
+    for s in slow:
+        s.close()
+    chunked = socket.create_connection((service.endpoints.host, service.endpoints.http), timeout=10)
+    chunked.sendall(b"POST /v2/models/crema/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+    assert chunked.recv(4096).startswith(b"HTTP/1.1 411")
+    chunked.close()

@@ -231,7 +231,7 @@ def test_a_killed_model_process_fails_its_request_at_once_and_is_replaced(setup,
     tensors = tensors_from_files(q.question, **files(setup, q.clip))
     want = http.infer(tensors).answer
     reloads = service.supervisor.count("reload")
-    llm = next(pid for pid, model in python_stubs(service.server.process.pid).items() if model == "llm")
+    llm = next(pid for pid, s in python_stubs(service.server.process.pid).items() if s.model == "llm")
     os.kill(llm, signal.SIGSTOP)  # hold it mid-run: the next request waits inside it
     outcome = {}
 

@@ -6,9 +6,16 @@ well-formed, and answers the rest itself:
                the ensemble's config (triton_models/contract.py) before Triton sees it
   size         a request body over `max_request_bytes` is refused from its declared length before
                it is read (HTTP 413; gRPC's message limit); the JSON part of an HTTP request is
-               limited to `max_json_bytes` (parsed JSON numbers cost ~10x their text in Python)
-  load         at most `max_in_flight` requests forwarded at once; `max_queued` more wait unread;
-               beyond that 503. Memory: about max_in_flight x max_request_bytes, by design
+               limited to `max_json_bytes` (parsed JSON numbers cost ~10x their text in Python);
+               compressed bodies are refused, never decompressed
+  parsing      JSON with a key given twice, or NaN/Infinity, is refused; what Triton receives is
+               the request as the front parsed and checked it, serialized anew (HTTP JSON, gRPC
+               protobuf), so a parser difference cannot smuggle anything past the checks
+  load         bodies are read outside the forwarding slots, each within `read_timeout_s`, those
+               being read declaring at most max_in_flight x max_request_bytes together (Content-Length
+               is required: a slow client holds only what it declared); `max_in_flight` requests
+               forwarded at once; `max_queued` more wait; beyond that 503. Memory: about
+               2 x max_in_flight x max_request_bytes
   read-only    health, metadata, model config and statistics are forwarded
   closed       model repository (load/unload/upload), shared memory, trace and log settings:
                refused (403 / PERMISSION_DENIED); gRPC streaming is not offered
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -38,8 +46,9 @@ CLOSED = "closed to clients: model management, shared memory, trace and log sett
 READ_ONLY_PATHS = re.compile(r"^/v2(/models(/[^/]+(/versions/[0-9]+)?)?(/ready|/config|/stats)?)?$")
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]+))?/infer$")
 HEADER_LENGTH = "Inference-Header-Content-Length"
-FORWARDED_HEADERS = ("Content-Type", "Accept-Encoding", HEADER_LENGTH)  # compressed answers pass through as they are
-GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 403: grpc.StatusCode.PERMISSION_DENIED, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
+FORWARDED_HEADERS = ("Content-Type", "Accept-Encoding")  # a compressed answer passes through as it is
+GRPC_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 403: grpc.StatusCode.PERMISSION_DENIED,
+               408: grpc.StatusCode.DEADLINE_EXCEEDED, 411: grpc.StatusCode.INVALID_ARGUMENT,
                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
                415: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE,
                504: grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -52,7 +61,7 @@ TYPED_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int
 @dataclass(frozen=True)
 class Limits:
     max_request_bytes: int = 65 << 20
-    max_json_bytes: int = 8 << 20
+    max_json_bytes: int = 1 << 20
     max_in_flight: int = 16
     max_queued: int = 256
     timeout_s: float = 300.0  # a forwarded request's answer
@@ -76,12 +85,39 @@ VERDICT_WAIT_S = 2.0  # how long an unanswered request waits for the supervisor 
 
 # --- requests -> claims --------------------------------------------------------------------------
 
-def http_claims(body: bytes, header_length: str | None, limits: Limits) -> tuple[list[TensorClaim], list[str]]:
-    """An HTTP infer body (JSON, optionally followed by binary tensors) -> claims, requested outputs."""
+def _object(pairs: list) -> dict:
+    """json.loads' object hook: a key given twice is refused. Python keeps the last copy and Triton's
+    parser the first, so a duplicate would let Triton act on what the front never checked."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        twice = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise RequestRejected(f"the request's JSON gives the key {twice!r} twice")
+    return out
+
+
+def _constant(name: str):
+    raise RequestRejected(f"the request's JSON holds {name}, which JSON does not allow")
+
+
+@dataclass
+class HttpRequest:
+    """An HTTP infer body, parsed: the JSON object and the binary tensors after it."""
+    json: dict
+    binary: memoryview
+
+    def body(self) -> tuple[bytes, int | None]:
+        """What the front forwards: the JSON it checked, serialized anew, then the binary part, and
+        the Inference-Header-Content-Length that goes with it (None: no binary part)."""
+        header = json.dumps(self.json, separators=(",", ":")).encode()
+        return (header + bytes(self.binary), len(header)) if len(self.binary) else (header, None)
+
+
+def parse_http(body: bytes, header_length: str | None, limits: Limits) -> HttpRequest:
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
-        if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
+        if not re.fullmatch(r"[0-9]{1,12}", header_length) or not 0 < int(header_length) <= len(body):
             raise RequestRejected(f"{HEADER_LENGTH} {header_length!r}: not a length within the body "
                                   f"({len(body)} bytes)")
         json_part, binary = body[:int(header_length)], memoryview(body)[int(header_length):]
@@ -89,13 +125,21 @@ def http_claims(body: bytes, header_length: str | None, limits: Limits) -> tuple
         raise RequestRejected(f"the request's JSON is {len(json_part)} bytes, over the limit of "
                               f"{limits.max_json_bytes}: send tensors as binary data (tritonclient does by default)", 413)
     try:
-        request = json.loads(json_part)
+        request = json.loads(json_part, object_pairs_hook=_object, parse_constant=_constant)
+    except RequestRejected:
+        raise
     except (ValueError, RecursionError) as e:
         raise RequestRejected(f"the request is not valid JSON ({str(e)[:120]})") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise RequestRejected("the request must be a JSON object with an 'inputs' list")
+    return HttpRequest(request, binary)
+
+
+def http_claims(request: HttpRequest) -> tuple[list[TensorClaim], list[str]]:
+    """The claims of a parsed HTTP infer request, and its requested outputs."""
+    binary = request.binary
     claims, offset = [], 0
-    for x in request["inputs"]:
+    for x in request.json["inputs"]:
         if not isinstance(x, dict):
             raise RequestRejected("inputs: each input must be a JSON object")
         claim = TensorClaim(x.get("name"), x.get("datatype"), x.get("shape"))
@@ -107,12 +151,12 @@ def http_claims(body: bytes, header_length: str | None, limits: Limits) -> tuple
                                       f"{len(binary) - offset} binary bytes left in the body")
             claim.raw, offset = binary[offset:offset + size], offset + size
         if "data" in x:
-            limit = len(json_part)  # a JSON value takes at least one byte of text
-            claim.values = count_json_values(x["data"], str(claim.datatype), limit)
+            shape = claim.shape if isinstance(claim.shape, list) and all(type(d) is int for d in claim.shape) else []
+            claim.values = count_json_values(x["data"], str(claim.datatype), math.prod(shape) + 1)
         claims.append(claim)
     if offset != len(binary):
         raise RequestRejected(f"the body carries {len(binary)} binary bytes, its inputs claim {offset}")
-    outputs = request.get("outputs") or []
+    outputs = request.json.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise RequestRejected("outputs: expected a list of objects with a 'name'")
     return claims, [o.get("name") for o in outputs]
@@ -148,6 +192,8 @@ class Front:
         self._in_flight: set[asyncio.Future] = set()
         self._waiting = 0
         self._slots: asyncio.Semaphore | None = None
+        self._reading: asyncio.Condition | None = None
+        self._reading_bytes, self._reading_budget = 0, limits.max_in_flight * limits.max_request_bytes
         self._session: ClientSession | None = None
         self._channel: tuple[int, grpc.aio.Channel] | None = None
         self._runner: web.AppRunner | None = None
@@ -177,14 +223,18 @@ class Front:
 
     async def _start(self) -> None:
         self._slots = asyncio.Semaphore(self.limits.max_in_flight)
+        self._reading = asyncio.Condition()
         self._session = ClientSession(timeout=ClientTimeout(total=None), auto_decompress=False)
         app = web.Application(client_max_size=self.limits.max_request_bytes)
         app.router.add_route("*", "/{tail:.*}", self._http)
-        self._runner = web.AppRunner(app, access_log=None)
+        # no automatic decompression (a 4 MB gzip body is 4 GB of work); refused requests close their
+        # connection rather than have aiohttp read (linger over) the rest of their body
+        self._runner = web.AppRunner(app, access_log=None, auto_decompress=False, lingering_time=0)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.http_port).start()
         options = [("grpc.max_receive_message_length", self.limits.max_request_bytes),
-                   ("grpc.max_send_message_length", self.limits.max_request_bytes)]
+                   ("grpc.max_send_message_length", self.limits.max_request_bytes),
+                   ("grpc.max_concurrent_streams", self.limits.max_in_flight)]  # per connection
         self._grpc = grpc.aio.server(handlers=[_GrpcHandler(self)], options=options,
                                      maximum_concurrent_rpcs=2 * self.limits.max_in_flight)
         if not self._grpc.add_insecure_port(f"{self.host}:{self.grpc_port}"):
@@ -202,8 +252,8 @@ class Front:
             await self._channel[1].close()
 
     # the shared path of both protocols
-    async def _guarded(self, forward):
-        """Run `forward()` within the in-flight limit; a reported failure or the time-out answers first."""
+    def _admit(self) -> None:
+        """Refuse at once what would only wait: while the server is not ready, or the queue is full."""
         ok, why = self.ready()
         if not ok:
             raise Failure(503, f"the server is not ready ({why}); retry shortly")
@@ -211,6 +261,10 @@ class Front:
             self.counts["busy"] += 1
             raise Failure(503, f"the server is busy ({self.limits.max_in_flight} requests in flight, "
                                f"{self._waiting} waiting); retry shortly")
+
+    async def _guarded(self, forward):
+        """Run `forward()` within the in-flight limit; a reported failure or the time-out answers first."""
+        self._admit()
         self._waiting += 1
         try:
             await self._slots.acquire()
@@ -264,6 +318,8 @@ class Front:
             return _json_error(e.status, str(e))
         except Unreachable as e:
             return _json_error(503, f"the model server did not answer ({e}); retry shortly")
+        except ConnectionError:  # the client went away mid-body: nobody to answer
+            return web.Response(status=400)
         except web.HTTPRequestEntityTooLarge:
             return _json_error(413, f"the request body is over this server's limit of {self.limits.max_request_bytes} bytes")
 
@@ -293,19 +349,38 @@ class Front:
         if declared is not None and declared > self.limits.max_request_bytes:
             raise RequestRejected(f"the request body is {declared} bytes, over this server's limit of "
                                   f"{self.limits.max_request_bytes}", 413)
+        self._admit()
+        parsed = parse_http(await self._read_body(request), request.headers.get(HEADER_LENGTH), self.limits)
+        self.contract.check(*http_claims(parsed))
+        body, header_length = parsed.body()  # what was checked is what Triton gets
+        headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
+        if header_length is not None:
+            headers[HEADER_LENGTH] = str(header_length)
+        return await self._guarded(lambda: self._forward_http("POST", request.path, body, headers))
 
-        async def forward():
-            try:  # a client trickling its body must not hold a slot for long
-                body = await asyncio.wait_for(request.read(), self.limits.read_timeout_s)
-            except asyncio.TimeoutError:
-                raise RequestRejected(f"the request body did not arrive within {self.limits.read_timeout_s:.0f} s",
-                                      408) from None
-            claims, outputs = http_claims(body, request.headers.get(HEADER_LENGTH), self.limits)
-            self.contract.check(claims, outputs)
-            headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
-            return await self._forward_http("POST", request.path, body, headers)
-
-        return await self._guarded(forward)
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, read outside the forwarding slots (a slow client must not hold one) within
+        read_timeout_s; the bodies being read at once declare at most max_in_flight x
+        max_request_bytes in all (a slow client holds only what it declared)."""
+        size = request.content_length
+        if size is None:
+            raise RequestRejected("an inference request must declare its Content-Length", 411)
+        self._waiting += 1
+        try:
+            async with self._reading:
+                await self._reading.wait_for(lambda: self._reading_bytes + size <= self._reading_budget)
+                self._reading_bytes += size
+        finally:
+            self._waiting -= 1
+        try:
+            return await asyncio.wait_for(request.read(), self.limits.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestRejected(f"the request body did not arrive within {self.limits.read_timeout_s:.0f} s",
+                                  408) from None
+        finally:
+            async with self._reading:
+                self._reading_bytes -= size
+                self._reading.notify_all()
 
     async def _forward_http(self, method: str, path: str, body: bytes | None, headers: dict) -> web.Response:
         headers = {"Accept-Encoding": "identity", **headers, KEY_HEADER: self.server.key}
@@ -342,7 +417,8 @@ class Front:
             self._check_model(request.model_name)
             claims, outputs = grpc_claims(request)
             self.contract.check(claims, outputs)
-            return await self._guarded(lambda: self.grpc_forward("ModelInfer", raw, context))
+            checked = request.SerializeToString()  # what was checked is what Triton gets
+            return await self._guarded(lambda: self.grpc_forward("ModelInfer", checked, context))
         except RequestRejected as e:
             self.counts["rejected"] += 1
             await context.abort(GRPC_STATUS[e.status], str(e))
@@ -391,7 +467,10 @@ async def _refuse_stream(requests, context):
 
 
 def _json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    response = web.json_response({"error": message}, status=status)
+    if status in (400, 404, 408, 411, 413, 415):  # the rest of a refused body is not read: close instead
+        response.force_close()
+    return response
 
 
 def _internal_models(server: TritonServer) -> set[str]:

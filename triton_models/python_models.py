@@ -57,7 +57,8 @@ def _blob(x: np.ndarray | None) -> bytes | None:
 
 def _response(outputs: dict | Exception):
     if isinstance(outputs, ValueError):  # ours: RequestError, ModalityError, VideoError, AudioError, ...
-        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outputs)))
+        # INVALID_ARG: the client's request was at fault (HTTP 400 / gRPC INVALID_ARGUMENT, not 500)
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outputs), pb_utils.TritonError.INVALID_ARG))
     if isinstance(outputs, Exception):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(outputs).__name__}: {outputs}"))
     return pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in outputs.items()])

@@ -28,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 from .layout import MODEL_INFO
 
@@ -84,8 +85,13 @@ def backend_dir(root: Path, folder: Path) -> Path:
     return folder
 
 
-def python_stubs(server_pid: int) -> dict[int, str]:
-    """pid -> model name of every python-backend stub process the server started."""
+class Stub(NamedTuple):
+    model: str
+    region: str  # its shared-memory region in /dev/shm
+
+
+def python_stubs(server_pid: int) -> dict[int, Stub]:
+    """pid -> (model, shared-memory region) of every python-backend stub process the server started."""
     out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -95,9 +101,20 @@ def python_stubs(server_pid: int) -> dict[int, str]:
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not ours to read
-        if ppid == server_pid and cmd[0].endswith(b"triton_python_backend_stub") and len(cmd) > 1:
-            out[int(proc.name)] = Path(cmd[1].decode()).parent.parent.name  # REPO/<model>/1/model.py
+        if ppid == server_pid and cmd[0].endswith(b"triton_python_backend_stub") and len(cmd) > 2:
+            # argv: stub REPO/<model>/1/model.py <shm region> ...
+            out[int(proc.name)] = Stub(Path(cmd[1].decode()).parent.parent.name, cmd[2].decode())
     return out
+
+
+def remove_regions(regions) -> None:
+    """Unlink python-backend shared-memory regions a dead process left in /dev/shm (RAM)."""
+    for region in regions:
+        if region.startswith("triton_python_backend_shm_region_") and "/" not in region:
+            try:
+                os.unlink(f"/dev/shm/{region}")
+            except FileNotFoundError:
+                pass
 
 
 def exit_reason(code: int | None) -> str:
@@ -180,8 +197,9 @@ class TritonServer:
             self._prepare()
         self.http_port, self.grpc_port = free_port(), free_port()
         with open(self.log_path, "ab") as log:  # a restart appends: the log keeps why the last one died
+            # umask 077: the python backend's shared-memory regions (request tensors) readable by this user only
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self._env,
-                                            start_new_session=True)  # Ctrl-C reaches us; we stop it
+                                            start_new_session=True, umask=0o077)  # Ctrl-C reaches us; we stop it
         self.wait_ready(timeout)
         return self
 

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .layout import ENSEMBLE
-from .server import ServerError, TritonServer, exit_reason, python_stubs
+from .server import ServerError, TritonServer, exit_reason, python_stubs, remove_regions
 
 MAX_BACKOFF_S, STABLE_S = 30.0, 60.0
 
@@ -51,6 +51,7 @@ class Supervisor(threading.Thread):
         self._up_since = time.monotonic()
         self.expected = stubs
         self._pidfds: dict[int, int] = {}
+        self._regions: dict[int, str] = {}  # pid -> shared-memory region of each python process seen
         self._ready.set()
 
     @property
@@ -61,7 +62,15 @@ class Supervisor(threading.Thread):
         return sum(e.kind == kind for e in self.events)
 
     def _stub_counts(self) -> Counter:
-        return Counter(python_stubs(self.server.process.pid).values())
+        stubs = python_stubs(self.server.process.pid)
+        self._regions.update((pid, stub.region) for pid, stub in stubs.items())
+        return Counter(stub.model for stub in stubs.values())
+
+    def _remove_dead_regions(self, everything: bool = False) -> None:
+        """A python process that died leaves its shared memory in /dev/shm; Triton does not remove it."""
+        alive = set() if everything or self.server.process is None else set(python_stubs(self.server.process.pid))
+        for pid in set(self._regions) - alive:
+            remove_regions([self._regions.pop(pid)])
 
     def _unready(self, reason: str) -> None:
         self.not_ready_reason = reason
@@ -81,12 +90,13 @@ class Supervisor(threading.Thread):
                 self.check()
             except OSError as e:  # the server stopped answering between two checks: next round sees why
                 self.log(f"supervisor: check failed: {e}")
+                self.halt.wait(self.interval)
 
     def _wait_for_an_exit(self, timeout: float) -> None:
         """Sleep up to `timeout`, woken at once when the server or one of its python processes exits
         (a pidfd per process: no polling of /proc under load)."""
         wanted = {self.server.process.pid} if self.server.process is not None else set()
-        wanted |= set(python_stubs(self.server.process.pid)) if wanted else set()
+        wanted |= set(self._regions) if wanted else set()  # the python processes seen by the last check
         for pid in set(self._pidfds) - wanted:
             os.close(self._pidfds.pop(pid))
         for pid in wanted - set(self._pidfds):
@@ -127,6 +137,8 @@ class Supervisor(threading.Thread):
             self.server.load(model)
             self._record("load", model, reason, start)
             repaired = True
+        if repaired or dead:
+            self._remove_dead_regions()
         if not self.ready and not repaired and self.server.ready():
             self._ready.set()
         if time.monotonic() - self._up_since > STABLE_S:
@@ -136,6 +148,7 @@ class Supervisor(threading.Thread):
         reason = f"tritonserver stopped ({why})"
         self._unready(reason)
         self.server.stop()  # reaps it and any python processes it left
+        self._remove_dead_regions(everything=True)
         delay = min(MAX_BACKOFF_S, 2.0 ** self._failed_starts)
         self.log(f"supervisor: {reason}; starting it again in {delay:.0f} s")
         if self.halt.wait(delay):
