@@ -1,6 +1,8 @@
 """`crema calibrate` on the demo model: INT8 graphs within DESIGN §5's bounds, FP32 files untouched."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -153,17 +155,17 @@ def test_killed_calibration_installs_nothing_and_a_running_one_refuses_a_second(
     shutil.copytree(fp32_artifacts, directory)
     before = {p.name for p in directory.iterdir()}
     proc = subprocess.Popen([sys.executable, "-m", "crema.cli", "calibrate", "--artifacts", str(directory),
-                             "--questions", "8", "--eval-questions", "30"],
+                             "--questions", "8", "--eval-questions", "120"],  # evaluation: seconds to catch it in
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # every stage quantized (its INT8 decoder_step graph exists somewhere below the directory): the
         # run is evaluating its graphs end to end
         _wait_for(lambda: [p for p in directory.rglob("decoder_step.onnx") if p.parent != directory], proc,
                   "INT8 decoder_step graph")
-        time.sleep(1.5)
+        os.kill(proc.pid, signal.SIGSTOP)  # hold it mid-run (it keeps its lock), then kill it
+        assert proc.poll() is None, "the calibration finished before it could be stopped"
         with pytest.raises(CalibrationLockedError, match="another `crema calibrate` is running"):
             calibrate(directory, questions=8, eval_questions=6, log=lambda *_: None)
-        assert proc.poll() is None, "the calibration finished before it could be killed"
     finally:
         proc.kill()
         proc.wait()
