@@ -218,14 +218,14 @@ class Crema(nn.Module):
         d = cfg.t5.d_model
 
         def prefix(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-            ids, mask = self._prefixes[name]
+            ids, mask = (x.to(question_ids.device) for x in self._prefixes[name])
             return self.embed(ids).expand(b, -1, -1, -1), mask.expand(b, -1, -1)  # [B, n, P, d], [B, n, P]
 
         def flat(x: torch.Tensor) -> torch.Tensor:  # [B, ..., d] -> [B, n, d]; masks [B, ...] -> [B, n]
             return x.reshape(b, -1, d) if x.is_floating_point() else x.reshape(b, -1)
 
         def ones(x: torch.Tensor) -> torch.Tensor:
-            return torch.ones(x.shape[:-1], dtype=torch.long)
+            return torch.ones(x.shape[:-1], dtype=torch.long, device=x.device)
 
         if "rgb" in tokens:
             rgb, t = tokens["rgb"], cfg.frame_num
@@ -249,7 +249,7 @@ class Crema(nn.Module):
                     mask = torch.cat([flat(mask), flat(mask)], dim=1)
                 else:
                     x = flat(torch.cat([pre, rgb + extra], dim=2))
-                    mask = torch.ones(x.shape[:-1], dtype=torch.long)
+                    mask = ones(x)
             else:
                 x, mask = flat(x), flat(mask)
                 if "audio" in tokens:  # no prefix: "seems no prefix works better" (CREMA)
@@ -327,7 +327,9 @@ class Crema(nn.Module):
         """Validated request -> T5 encoder inputs_embeds [B, S, d] and attention mask [B, S]."""
         self.check_inputs(inputs)
         ids, mask = self.tokenizer.encode(inputs.questions, max_len=self.cfg.max_txt_len)
-        return self.assemble(self.modality_tokens(inputs), torch.from_numpy(ids), torch.from_numpy(mask))
+        device = self.language_model.device  # the reference runs where its weights are (CPU or CUDA)
+        return self.assemble(self.modality_tokens(inputs), torch.from_numpy(ids).to(device),
+                             torch.from_numpy(mask).to(device))
 
     @torch.no_grad()
     def forward(self, inputs: CremaInputs, decoder_input_ids: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ import torch
 
 from conftest import QUESTIONS, make_inputs, make_model, tiny
 from reference.config import ConfigError
-from reference.model import InputError
+from reference.model import CremaInputs, InputError
 
 COMBOS = [
     ("rgb",),
@@ -176,3 +176,22 @@ def test_bad_3d_and_audio_inputs():
 def test_config_errors(changes, message):
     with pytest.raises(ConfigError, match=message):
         tiny(**changes)
+
+
+@pytest.mark.parametrize("modalities,task", [(("rgb", "depth", "audio", "pc"), "espresso"),
+                                             (("rgb", "depth", "audio", "pc"), "espresso_concat"),
+                                             (("rgb", "audio"), "concat"), (("rgb", "pc"), "concat")])
+def test_the_reference_computes_where_its_weights_are(modalities, task):
+    """No tensor is made on the CPU behind the weights' back (prefixes, masks): on the meta device
+    (no data, any mixing of devices fails) the encoder inputs come out on the weights' device, as on
+    CUDA they must for the GPU benchmark's PyTorch side to be the real reference."""
+    model = make_model(modalities, task=task)
+    inputs = make_inputs(model.cfg, batch=2)
+    ids, mask = model.tokenizer.encode(inputs.questions, max_len=model.cfg.max_txt_len)
+    model = model.to("meta")
+    meta = lambda x: None if x is None else x.to("meta")  # noqa: E731
+    inputs = CremaInputs(inputs.questions, {m: meta(x) for m, x in inputs.frames.items()}, meta(inputs.audio),
+                         meta(inputs.pc_feat), meta(inputs.pc_coords))
+    embeds, attention = model.assemble(model.modality_tokens(inputs), torch.from_numpy(ids).to("meta"),
+                                       torch.from_numpy(mask).to("meta"))
+    assert embeds.device.type == attention.device.type == "meta"
