@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_pipeline import exported, race  # noqa: E402
+from bench.machine import describe  # noqa: E402
 from calibration.calibrate import _session, calibrate  # noqa: E402
 from calibration.data import EVALUATION_SEED, collect_feeds, read_items  # noqa: E402
 from reference.config import preset  # noqa: E402
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench-int8")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "int8-benchmark.md")
     args = p.parse_args()
+    machine = describe()  # INT8 gains depend on the ISA (VNNI, AMX): the table must say which
     art = exported(lambda: preset_model(preset("bench")), args.work / "artifacts", {"preset": "bench", "seed": 0})
     report = calibrate(art, questions=8, eval_questions=2, max_feeds=3, force=True)  # speed, not fidelity: random weights
     a = Artifacts(art)
@@ -57,12 +59,12 @@ def main() -> None:
                     f">= {TARGETS[name]}x |")
     cos = {n: s["cosine"] for n, s in report["stages"].items()}
     text = (f"# INT8 vs FP32 (ONNX Runtime, bench preset)\n\n`.venv/bin/python bench/bench_int8.py` — "
-            f"best of {args.repeat} interleaved rounds, one run, 2-core AMD EPYC (AVX2, no VNNI).\n\n"
+            f"best of {args.repeat} interleaved rounds, one run; {machine}.\n\n"
             + "\n".join(rows) + "\n\nPer-stage cosine INT8 vs FP32 (random bench weights): "
             + ", ".join(f"{n} {c:.4f}" for n, c in cos.items())
             + f"\n\nSame answer FP32 vs INT8 on the raced request: {same}.\n")
     args.out.write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"times": results, "cosine": cos}, indent=2))
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine, "times": results, "cosine": cos}, indent=2))
     print(text)
 
 

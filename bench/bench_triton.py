@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_pipeline import exported  # noqa: E402
+from bench.machine import describe  # noqa: E402
 from reference.config import preset  # noqa: E402
 from runtime.inputs import request_from_files  # noqa: E402
 from runtime.pipeline import Pipeline, decode_answers, fuse_encode  # noqa: E402
@@ -144,8 +145,9 @@ def run(preset_name: str, clips: int, work: Path, cores: int | None = None, prec
                            "requests": n_throughput}}
 
 
-def markdown(results: list[dict]) -> str:
-    rows = ["| preset (modalities) | in process | Triton, new video | overhead (target <= 15%) | Triton, seen video | "
+def markdown(results: list[dict], machine: str) -> str:
+    rows = [f"Measured on: {machine}.", "",
+            "| preset (modalities) | in process | Triton, new video | overhead (target <= 15%) | Triton, seen video | "
             "speed-up (target >= 5x) | LLM alone (limit) | req/s, 1 client | req/s, 4 clients | ratio |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
@@ -171,12 +173,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "out" / "bench-triton")
     parser.add_argument("--out", type=Path, help="markdown table (and .json beside it)")
     args = parser.parse_args()
-    results = []
+    results, machine = [], describe()
     for name in args.preset or ["demo"]:
         for cores in [None, *args.cores]:
             print(f"preset {name}{f', rate limit {cores} cores' if cores else ''}:", flush=True)
-            results.append(run(name, args.clips, args.work, cores, args.precision))
-    table = markdown(results)
+            results.append({**run(name, args.clips, args.work, cores, args.precision), "machine": machine})
+    table = markdown(results, machine)
     print(table)
     if args.out:
         args.out.write_text(table)

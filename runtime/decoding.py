@@ -4,6 +4,11 @@ They reproduce transformers' `generate` (v5) token for token in FP32: beam searc
 vectorised algorithm (top 2*beams continuations, finished-hypothesis merging, `early_stopping=False`
 heuristic, length penalty on the generated length), greedy its argmax with EOS padding, and both
 apply `min_length` by masking EOS.
+
+Ties in top-k go to the lower index (a stable sort's order). torch.topk leaves the order of equal
+values unspecified (CPU: topk(zeros(3000), 5) -> [3, 4, 1, 0, 2]); in HF's beam search equal scores
+at the cut are in practice -1e9-masked candidates, which never reach the returned hypothesis, and an
+exact tie of real log-probs has no rule that matches torch in every case.
 """
 from __future__ import annotations
 
@@ -27,14 +32,48 @@ class StepModel(Protocol):
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    """log_softmax over the last axis in float32, with torch's operation order (x - max - lse)."""
+    shifted = np.subtract(x, x.max(axis=-1, keepdims=True), dtype=np.float32)
+    shifted -= np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return shifted
+
+
+_GROUP = 64  # columns per group of _topk's threshold pass
 
 
 def _topk(x: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest per row, largest first (ties: lower index first)."""
-    return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    """Indices [R, k] of the k largest of each row of x [R, N], largest first; ties: lower index first,
+    NaN below everything. Always equal to `np.argsort(-x, axis=-1, kind="stable")[:, :k]`.
+
+    Long rows are not sorted: the k-th largest of the maxima of N/64 disjoint column groups is a
+    threshold t with at least k elements >= t, so the answer lies in the groups whose maximum is
+    >= t (or NaN) and the leftover tail; only those ~k*64 candidates are sorted (all of a row whose
+    top value fills most groups, e.g. an all-equal row: as slow as the full sort, still exact)."""
+    r, n = x.shape
+    groups = n // _GROUP
+    if k < 1 or groups < max(4 * k, 8):
+        return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+    body = x[:, :groups * _GROUP].reshape(r, _GROUP, groups)  # group j: columns j, j + groups, ...
+    gmax = body.max(axis=1)
+    t = np.partition(gmax, groups - k, axis=-1)[:, groups - k]  # NaN counts as largest here
+    rows, cols = np.nonzero(~(gmax < t[:, None]))  # a NaN group may hold large non-NaN values too
+    cols = (cols[:, None] + groups * np.arange(_GROUP)).reshape(-1)
+    rows = np.repeat(rows, _GROUP)
+    tail = np.arange(groups * _GROUP, n)
+    rows = np.concatenate([rows, np.repeat(np.arange(r), tail.size)])
+    cols = np.concatenate([cols, np.tile(tail, r)])
+    vals = x[rows, cols]
+    keep = vals >= t[rows]  # drops NaN
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    order = np.lexsort((cols, -vals, rows))  # by row, then value descending, then index
+    counts = np.bincount(rows, minlength=r)
+    start = np.cumsum(counts) - counts
+    out = np.empty((r, k), dtype=np.int64)
+    full = counts >= k
+    out[full] = cols[order[start[full][:, None] + np.arange(k)]]
+    for i in np.flatnonzero(~full):  # fewer than k values >= t: only when the row holds NaN
+        out[i] = np.argsort(-x[i], kind="stable")[:k]
+    return out
 
 
 def trim(ids) -> list[int]:
@@ -55,7 +94,7 @@ def greedy(model: StepModel, max_new_tokens: int, min_length: int = 1) -> tuple[
     unfinished = np.ones(b, dtype=bool)
     scores = []
     for step in range(max_new_tokens):
-        logits = logits.astype(np.float32).copy()
+        logits = np.array(logits, dtype=np.float32)  # one copy: `scores` keeps it
         if 1 + step < min_length:  # decoder length includes the start token
             logits[:, EOS] = -np.inf
         scores.append(logits)
@@ -90,7 +129,9 @@ def beam_search(model: StepModel, num_beams: int, max_new_tokens: int, min_lengt
         logp = _log_softmax(logits)
         if cur < min_length:
             logp[:, EOS] = -np.inf
-        acc = (logp.reshape(b, nb, vocab) + running_scores[:, :, None]).reshape(b, nb * vocab)
+        acc = logp.reshape(b, nb, vocab)
+        acc += running_scores[:, :, None]  # in place: no full-size copy per step
+        acc = acc.reshape(b, nb * vocab)
         idx = _topk(acc, k)
         topk_lp = np.take_along_axis(acc, idx, axis=1)
         src, tok = idx // vocab, idx % vocab
