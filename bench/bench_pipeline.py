@@ -38,7 +38,7 @@ from export.parity import random_inputs, to_requests  # noqa: E402
 from export.stages import stage_module  # noqa: E402
 from reference.config import preset  # noqa: E402
 from reference.weights import preset_model  # noqa: E402
-from runtime.pipeline import Pipeline  # noqa: E402
+from runtime.pipeline import HostCachedDecoder, Pipeline  # noqa: E402
 
 
 def exported(make_model, artifacts: Path, source: dict) -> Path:
@@ -103,12 +103,14 @@ def stage_inputs(model, pipeline, inputs):
     fuse = {**{f"{m}_tokens": t for m, t in tokens.items()}, "question_ids": ids, "question_mask": mask}
     enc = pipeline.stages["fuse_encode"](**fuse)
     beams = cfg.generation.num_beams
-    step_model = pipeline.step_model(enc["encoder_hidden"], enc["encoder_mask"])
+    # the host-cache decoder: its past/cross K/V are numpy arrays this feed can hold
+    step_model = HostCachedDecoder(pipeline.stages["decoder_first"], pipeline.stages["decoder_step"],
+                                   enc["encoder_hidden"], enc["encoder_mask"])
     step_model.first()
     step_model.expand(beams)
     for _ in range(4):  # a cache of 5 positions, as in the middle of a 10-token answer
         step_model.step(np.full(beams, 5), None)
-    step = {"decoder_input_ids": np.full((beams, 1), 5), "encoder_mask": step_model.mask,
+    step = {"decoder_input_ids": np.full((beams, 1), 5), "beam_index": np.arange(beams), "encoder_mask": step_model.mask,
             **dict(zip(step_model.past_names, step_model.past)), **dict(zip(step_model.cross_names, step_model.cross))}
     return {"vision": {"pixel_values": pixels}, "mmqa_rgb": {"features": feats[:rows]}, "fuse_encode": fuse,
             "decoder_step": step}

@@ -25,8 +25,10 @@ from runtime.specs import StageSpec, stage_specs
 from .stages import stage_module
 
 OPSET = 17
-# Trace-time sizes of the symbolic axes: all > 1 and distinct, so no axis is specialised away.
-SAMPLE_DIMS = {"images": 4, "rows": 4, "clips": 3, "batch": 2, "points": 5, "text": 7, "enc_len": 9, "past": 3}
+# Trace-time sizes of the symbolic axes: all > 1 and distinct, so no axis is specialised away
+# (decoder rows are requests x beams: rows a multiple of batch).
+SAMPLE_DIMS = {"images": 4, "rows": 4, "clips": 3, "batch": 2, "points": 5, "text": 7, "enc_len": 9, "past": 3,
+               "past_rows": 6}
 
 
 def sample_inputs(spec: StageSpec, cfg: dict, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -42,6 +44,8 @@ def sample_inputs(spec: StageSpec, cfg: dict, seed: int = 0) -> tuple[torch.Tens
             x = torch.randint(2, cfg["t5"]["vocab_size"], shape, generator=g)
         elif t.name == "pc_coords":
             x = torch.randint(0, cfg["pc_grid"], shape, generator=g)
+        elif t.name == "beam_index":  # rows of the past cache
+            x = torch.randint(0, SAMPLE_DIMS["past_rows"], shape, generator=g)
         else:
             x = torch.randn(shape, generator=g)
         out.append(x)

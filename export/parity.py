@@ -21,7 +21,7 @@ from runtime.pipeline import Pipeline, Request
 
 QUESTIONS = ["What color is the ball?", "Where does the red ball move in the video?", "Is it near?"]
 STAGE_BOUND, DEEP_BOUND = 1e-4, 1e-3  # DESIGN §5: deep T5 stacks get the looser bound
-DEEP_STAGES = ("fuse_encode", "decoder_first", "decoder_step")
+DEEP_STAGES = ("fuse_encode", "decoder_first", "decoder_step", "decoder_step_beams")
 
 
 def random_inputs(cfg: CremaConfig, batch: int = 2, seed: int = 1, clips: int = 2, points: int = 12,
@@ -108,15 +108,37 @@ def stage_parity(model: Crema, pipeline: Pipeline, inputs: CremaInputs) -> dict[
     out["fuse_encode"] = compare(got["encoder_hidden"], hidden)
     if not np.array_equal(got["encoder_mask"], enc_mask.numpy()):
         out["fuse_encode"]["max_rel_err"] = float("inf")  # a wrong mask is a failure whatever the values
-    # decoder: two positions of HF's full forward vs decoder_first then decoder_step
-    dec_ids = torch.tensor([[0, 5]] * b)
-    logits = lm(encoder_outputs=(hidden,), attention_mask=enc_mask, decoder_input_ids=dec_ids).logits
-    step_model = pipeline.step_model(hidden.numpy(), enc_mask.numpy())
-    out["decoder_first"] = compare(step_model.first(), logits[:, 0])
-    out["decoder_step"] = compare(step_model.step(dec_ids[:, 1].numpy(), None), logits[:, 1])
+    out.update(decoder_parity(lm, pipeline, hidden, enc_mask))
     for name, row in out.items():
         row["bound"] = DEEP_BOUND if name in DEEP_STAGES else STAGE_BOUND
         row["ok"] = row["max_rel_err"] <= row["bound"]
+    return out
+
+
+def decoder_parity(lm, pipeline: Pipeline, hidden: torch.Tensor, enc_mask: torch.Tensor) -> dict[str, dict]:
+    """The decoder graphs (through the pipeline's cached decoder) against HF T5's full forward.
+
+    decoder_first and decoder_step: two positions of every request. decoder_step_beams: two beams per
+    request, a different token per beam, then beams swapped within each request (decoder_step
+    gathers its past by beam_index; the cross K/V stay one per request) and a third position: row r
+    must equal HF's forward over the sequence that row holds, [0, first[reorder[r]], second[r]]."""
+    b = hidden.shape[0]
+    dec_ids = torch.tensor([[0, 5]] * b)
+    logits = lm(encoder_outputs=(hidden,), attention_mask=enc_mask, decoder_input_ids=dec_ids).logits
+    decoder = pipeline.step_model(hidden.numpy(), enc_mask.numpy())
+    out = {"decoder_first": compare(decoder.first(), logits[:, 0]),
+           "decoder_step": compare(decoder.step(dec_ids[:, 1].numpy(), None), logits[:, 1])}
+    first, second = np.arange(2 * b) + 5, np.arange(2 * b) + 7
+    reorder = np.arange(2 * b) ^ 1  # swap the two beams of each request
+    beams = pipeline.step_model(hidden.numpy(), enc_mask.numpy())
+    beams.first()
+    beams.expand(2)
+    beams.step(first, None)
+    got = beams.step(second, reorder)
+    seqs = torch.from_numpy(np.stack([np.zeros(2 * b, np.int64), first[reorder], second], axis=1))
+    ref = lm(encoder_outputs=(hidden.repeat_interleave(2, 0),), attention_mask=enc_mask.repeat_interleave(2, 0),
+             decoder_input_ids=seqs).logits[:, 2]
+    out["decoder_step_beams"] = compare(got, ref)
     return out
 
 
@@ -143,9 +165,9 @@ def parity_report(artifacts: str | Path, seed: int = 1) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{'stage':<16} {'max rel err':>12} {'bound':>8} {'cosine':>12}  ok"]
+    lines = [f"{'stage':<18} {'max rel err':>12} {'bound':>8} {'cosine':>12}  ok"]
     for name, r in report["stages"].items():
-        lines.append(f"{name:<16} {r['max_rel_err']:>12.2e} {r['bound']:>8.0e} {r['cosine']:>12.9f}  "
+        lines.append(f"{name:<18} {r['max_rel_err']:>12.2e} {r['bound']:>8.0e} {r['cosine']:>12.9f}  "
                      f"{'yes' if r['ok'] else 'NO'}")
     for r in report["end_to_end"]:
         lines.append(f"end to end, {r['generation']}, batch {r['batch']}: tokens "

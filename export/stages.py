@@ -110,13 +110,17 @@ class _T5DecoderStep(nn.Module):
         return self.rel_bias(bucket).transpose(0, 1)[None, :, None, :]
 
     def _attend(self, attn, q_in, k, v, bias):
-        q = _heads(attn.q(q_in), self.heads)
+        """q_in [R, 1, d] over k, v [G, H, L, dk] with R = G x n: the n consecutive rows of a group share
+        its K/V (self-attention: G = R, n = 1; cross-attention: G = requests, n = beams, so the cross
+        K/V are never repeated per beam). bias broadcasts to [G, H, n, L]."""
+        q = attn.q(q_in).reshape(k.shape[0], -1, self.heads, k.shape[-1]).transpose(1, 2)  # [G, H, n, dk]
         weights = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1)  # T5: no 1/sqrt(d) scaling
         out = (weights @ v).transpose(1, 2).reshape(q_in.shape[0], q_in.shape[1], -1)
         return attn.o(out)
 
     def run(self, input_ids, encoder_mask, past, cross):
-        """past: [(k, v)] per layer with [B, H, P, dk] (P may be 0 only in decoder_first)."""
+        """input_ids [R, 1]; past: [(k, v)] per layer with [R, H, P, dk] (none in decoder_first);
+        cross: [(k, v)] per layer with [B, H, S, dk], encoder_mask [B, S]; R = B x beams, request-major."""
         x = self.decoder.embed_tokens(input_ids)
         past_len = past[0][0].shape[2] if past else torch.tensor(0)
         self_bias = self._self_bias(past_len, x.device)
@@ -150,11 +154,13 @@ class DecoderFirstStage(_T5DecoderStep):
 
 
 class DecoderStepStage(_T5DecoderStep):
-    """decoder_input_ids [B, 1], encoder_mask, past K/V, cross K/V -> logits, present K/V."""
+    """decoder_input_ids [R, 1], beam_index [R], encoder_mask [B, S], past K/V [R', H, P, dk], cross K/V
+    [B, H, S, dk] -> logits [R, V], present K/V [R, H, P + 1, dk]. Row r continues past row
+    beam_index[r]: beam reordering and expansion happen here, on the device that holds the cache."""
 
-    def forward(self, decoder_input_ids, encoder_mask, *kv):
+    def forward(self, decoder_input_ids, beam_index, encoder_mask, *kv):
         n = len(self.decoder.block)
-        past = [(kv[2 * i], kv[2 * i + 1]) for i in range(n)]
+        past = [(kv[2 * i].index_select(0, beam_index), kv[2 * i + 1].index_select(0, beam_index)) for i in range(n)]
         cross = [(kv[2 * n + 2 * i], kv[2 * n + 2 * i + 1]) for i in range(n)]
         logits, present = self.run(decoder_input_ids, encoder_mask, past, cross)
         return (logits, *present)

@@ -4,11 +4,13 @@
     answers = pipeline.answer([Request("What color is the ball?", frames={"rgb": frames})])
 
 Sessions are created once. All visual modalities of all requests go through one `vision` call; the
-decode loop runs in numpy over the KV-cached decoder graphs (runtime/decoding.py).
+decode loop runs in numpy (runtime/decoding.py) over the KV-cached decoder graphs, whose cache stays
+on the execution provider's device (`CachedDecoder`): only logits come back to the host.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import onnxruntime as ort
 
 from . import decoding
 from .artifacts import TOKENIZER, ArtifactError, Artifacts
-from .specs import VISUAL, StageSpec, modality_names
+from .specs import VISUAL, StageSpec, TensorSpec, modality_names
 from .text import QuestionTokenizer
 
 LETTERS = "ABCDE"
@@ -60,63 +62,134 @@ class Stage:
             raise ArtifactError(f"{path}: ONNX Runtime cannot load it: {e}") from e
         got = [i.name for i in self.session.get_inputs()]
         if got != spec.input_names or [o.name for o in self.session.get_outputs()] != spec.output_names:
-            raise ArtifactError(f"{path}: inputs/outputs {got} do not match the stage spec {spec.input_names}")
+            raise ArtifactError(f"{path}: inputs/outputs {got} do not match the stage spec {spec.input_names} "
+                                "(exported by another version? re-export the artifacts)")
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         return self.run(self.feed(**inputs))
 
     def feed(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """The session's feed: every spec input, checked and cast to its dtype."""
-        feed = {}
-        for t in self.spec.inputs:
-            x = np.ascontiguousarray(inputs[t.name], dtype=t.dtype)
-            if not t.shape_ok(x.shape):
-                raise RequestError(f"{self.spec.name}.{t.name}: shape {x.shape}, expected {t.dims}")
-            feed[t.name] = x
-        return feed
+        return {t.name: self._checked(t, inputs[t.name]) for t in self.spec.inputs}
+
+    def _checked(self, t: TensorSpec, x) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=t.dtype)
+        if not t.shape_ok(x.shape):
+            raise RequestError(f"{self.spec.name}.{t.name}: shape {x.shape}, expected {t.dims}")
+        return x
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self.spec.output_names, self.session.run(None, feed)))
 
+    @cached_property
+    def device(self) -> tuple[str, int]:
+        """(device type, id) of the session's first execution provider: where its outputs can stay."""
+        provider = self.session.get_providers()[0]
+        options = self.session.get_provider_options().get(provider, {})
+        return DEVICES.get(provider, "cpu"), int(options.get("device_id", 0))
 
-class OrtStepModel:
-    """decoder_first / decoder_step with the self-attention cache kept as numpy arrays."""
+    def run_bound(self, inputs: dict, keep: set[str]) -> dict:
+        """One run through IOBinding. numpy inputs are checked as by `feed` and copied in; ORT values
+        (outputs of an earlier run_bound) are bound as they are, without a copy. Outputs named in
+        `keep` stay on the session's device as ORT values, the others come back as numpy arrays."""
+        io = self.session.io_binding()
+        for t in self.spec.inputs:
+            x = inputs[t.name]
+            if isinstance(x, ort.OrtValue):
+                io.bind_ortvalue_input(t.name, x)
+            else:
+                io.bind_cpu_input(t.name, self._checked(t, x))
+        for name in self.spec.output_names:
+            io.bind_output(name, *(self.device if name in keep else ("cpu", 0)))
+        self.session.run_with_iobinding(io)
+        return {name: value if name in keep else value.numpy()
+                for name, value in zip(self.spec.output_names, io.get_outputs())}
 
-    def __init__(self, first: Stage, step: Stage, hidden: np.ndarray, mask: np.ndarray):
+
+class CachedDecoder:
+    """decoder_first / decoder_step as runtime.decoding's StepModel, with the KV cache resident on the
+    sessions' execution provider (ORT values bound through IOBinding; CPU memory on the CPU provider).
+
+    `present` is bound as the next step's `past` as it is; beams are expanded and reordered by
+    decoder_step's `beam_index` gather, inside the graph; the cross K/V [B, H, S, dk] come from
+    decoder_first once and are shared by each request's beams (never repeated); the encoder mask
+    goes to the device once. Per step only tokens and beam_index [R] go in and logits [R, V] come
+    back (R = B requests x beams, request-major)."""
+
+    def __init__(self, first, step, hidden: np.ndarray, mask: np.ndarray):
         self._first, self._step = first, step
-        self.hidden, self.mask = hidden, mask
-        self.past_names = [n for n in step.spec.input_names if n.startswith("past.")]
+        self.hidden = hidden
         self.cross_names = [n for n in step.spec.input_names if n.startswith("cross.")]
         self.present_names = [n for n in step.spec.output_names if n.startswith("present.")]
-        self.past: list[np.ndarray] = []
-        self.cross: list[np.ndarray] = []
+        self.past_names = [n for n in step.spec.input_names if n.startswith("past.")]
+        self.mask = self._resident(np.ascontiguousarray(mask, dtype=np.int64))
+        self.past: list = []  # per layer K, V: [R', H, P, dk] of the last step
+        self.cross: list = []  # per layer K, V: [B, H, S, dk]
+        self.rows = hidden.shape[0]  # R' (rows of `past`)
+        self._expansion: np.ndarray | None = None  # past row of each row after `expand`, until the next step
+
+    def _resident(self, x: np.ndarray):
+        """x where the decoder runs: an ORT value on the step session's device."""
+        return ort.OrtValue.ortvalue_from_numpy(x, *self._step.device)
+
+    def _run(self, stage, inputs: dict, keep: list[str]) -> tuple[np.ndarray, dict]:
+        """-> logits (numpy), the outputs named in `keep` (left where they are)."""
+        out = stage.run_bound(inputs, set(keep))
+        return out["logits"], {n: out[n] for n in keep}
 
     def first(self) -> np.ndarray:
+        """-> logits [B, V] after the start token; keeps present and cross K/V."""
         b = self.hidden.shape[0]
-        out = self._first(decoder_input_ids=np.zeros((b, 1), np.int64), encoder_hidden=self.hidden,
-                          encoder_mask=self.mask)
-        self.past = [out[n] for n in self.present_names]  # decoder_first names them as decoder_step does
-        self.cross = [out[n] for n in self.cross_names]
-        return out["logits"]
+        logits, cache = self._run(self._first, {"decoder_input_ids": np.zeros((b, 1), np.int64),
+                                                "encoder_hidden": self.hidden, "encoder_mask": self.mask},
+                                  self.present_names + self.cross_names)
+        self.past = [cache[n] for n in self.present_names]  # decoder_first names them as decoder_step does
+        self.cross = [cache[n] for n in self.cross_names]
+        self.rows = b
+        return logits
 
     def expand(self, n: int) -> None:
-        self.past = [np.repeat(x, n, axis=0) for x in self.past]
-        self.cross = [np.repeat(x, n, axis=0) for x in self.cross]
-        self.mask = np.repeat(self.mask, n, axis=0)
+        """Each row becomes n beam rows at the next step (decoder_step's gather does it)."""
+        current = np.arange(self.rows) if self._expansion is None else self._expansion
+        self._expansion = np.repeat(current, n)
+        self.rows *= n
 
     def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
-        if reorder is not None:  # beams only move within their request: cross K/V stay as they are
-            self.past = [x[reorder] for x in self.past]
-        feed = {**dict(zip(self.past_names, self.past)), **dict(zip(self.cross_names, self.cross))}
-        out = self._step(decoder_input_ids=tokens.reshape(-1, 1).astype(np.int64), encoder_mask=self.mask, **feed)
-        self.past = [out[n] for n in self.present_names]
-        return out["logits"]
+        """tokens [R]; reorder [R]: the row each row continues (None: its own) -> logits [R, V]."""
+        index = np.arange(len(tokens)) if reorder is None else np.asarray(reorder)
+        if self._expansion is not None:
+            index, self._expansion = self._expansion[index], None
+        inputs = {"decoder_input_ids": tokens.reshape(-1, 1), "beam_index": index, "encoder_mask": self.mask,
+                  **dict(zip(self.past_names, self.past)), **dict(zip(self.cross_names, self.cross))}
+        logits, cache = self._run(self._step, inputs, self.present_names)
+        self.past = [cache[n] for n in self.present_names]
+        self.rows = len(tokens)
+        return logits
+
+
+class HostCachedDecoder(CachedDecoder):
+    """CachedDecoder with the cache in numpy arrays, for decoder stages that are not ORT sessions of
+    this process but anything called like a Stage: Triton BLS calls (Triton cannot keep ORT values
+    across calls, so past and cross K/V travel with every step), calibration's recorders."""
+
+    def _resident(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def _run(self, stage, inputs: dict, keep: list[str]) -> tuple[np.ndarray, dict]:
+        out = stage(**inputs)
+        return out["logits"], {n: out[n] for n in keep}
+
+
+def cached_decoder(first, step, hidden: np.ndarray, mask: np.ndarray) -> CachedDecoder:
+    """The device-resident decoder over this process's ORT sessions, the host-cache one otherwise."""
+    local = isinstance(first, Stage) and isinstance(step, Stage)
+    return (CachedDecoder if local else HostCachedDecoder)(first, step, hidden, mask)
 
 
 class Pipeline:
     """threads: ORT intra-op threads (default: one per core).
-    precision: fp32 | int8 (every calibrated stage) | mixed (the stages calibration chose), see
-    runtime/artifacts.py.
+    precision: fp32 | int8 (every calibrated stage) | mixed (the stages calibration chose) | fp16
+    (`crema convert-fp16`'s graphs: float32 in and out, so nothing else changes), see runtime/artifacts.py.
     providers: "cpu", "cuda", "tensorrt" (or ORT provider names) in priority order; CPU is the fallback.
     memory_arena: ORT's CPU arena keeps freed activations for reuse. Measured on the bench preset:
     off, the vision stage ran 8% slower (6.71 s vs 6.21 s) and the peak RSS of a request fell from
@@ -175,8 +248,8 @@ class Pipeline:
         return fuse_encode(self.stages["fuse_encode"], self.tokenizer, self.modality_tokens(requests),
                            [r.question for r in requests])
 
-    def step_model(self, hidden: np.ndarray, mask: np.ndarray) -> OrtStepModel:
-        return OrtStepModel(self.stages["decoder_first"], self.stages["decoder_step"], hidden, mask)
+    def step_model(self, hidden: np.ndarray, mask: np.ndarray) -> CachedDecoder:
+        return cached_decoder(self.stages["decoder_first"], self.stages["decoder_step"], hidden, mask)
 
     # --- answers ---------------------------------------------------------------------------
     def generation(self, **overrides) -> dict:
@@ -271,10 +344,11 @@ def fuse_encode(stage, tokenizer: QuestionTokenizer, tokens: dict[str, np.ndarra
 def decode_answers(stages, hidden: np.ndarray, mask: np.ndarray, g: dict, tokenizer: QuestionTokenizer,
                    answer_ids: list[int]) -> list[Answer]:
     """The decode loop over `stages["decoder_first"]` / `["decoder_step"]` (anything called like a
-    Stage: the ORT sessions here, Triton BLS calls in triton_models/). g: `generation_settings`."""
+    Stage: the ORT sessions here, with the cache on their device; Triton BLS calls in triton_models/,
+    with a host cache: `cached_decoder`). g: `generation_settings`."""
     if g["task"] == "mcqa" and not answer_ids:
         raise RequestError("task mcqa: these artifacts have no answer-letter token ids (re-export them)")
-    model = OrtStepModel(stages["decoder_first"], stages["decoder_step"], hidden, mask)
+    model = cached_decoder(stages["decoder_first"], stages["decoder_step"], hidden, mask)
     if g["task"] == "mcqa":
         tokens, step_logits = decoding.greedy(model, g["max_new_tokens"], g["min_length"])
         scores = decoding.mcqa_scores(tokens, step_logits, answer_ids)
@@ -300,12 +374,15 @@ def session_options(threads: int | None = None, memory_arena: bool = True, spin:
 
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}  # ORT device type of a provider
 
 
 def execution_providers(names: list[str]) -> list[str]:
     """["tensorrt", "cuda"] -> ORT provider names in priority order, CPU always last as the fallback;
     a provider this onnxruntime build lacks is an error that names what it has."""
     available = ort.get_available_providers()
+    if any(PROVIDERS.get(n.lower(), n) in DEVICES for n in names) and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # onnxruntime-gpu wheels: load the CUDA/cuDNN libraries the environment carries
     out = []
     for name in names:
         full = PROVIDERS.get(name.lower(), name)

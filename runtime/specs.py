@@ -10,8 +10,15 @@ Graphs (N = images or clips, B = requests, d = T5 width, Dv = encoder feature wi
   mmqa_{m}         features [N, L, Dv]                             -> tokens [N, nq, d]
   mmqa_pc          pc_feat [B, P, Dv], pc_coords [B, P, 3]         -> tokens [B, nq, d]
   fuse_encode      {m}_tokens, question_ids/mask [B, Lq]           -> encoder_hidden [B, S, d], encoder_mask [B, S]
-  decoder_first    decoder_input_ids [B, 1], encoder_hidden, mask  -> logits [B, V], present self K/V, cross K/V
-  decoder_step     decoder_input_ids [B, 1], mask, past/cross K/V  -> logits [B, V], present self K/V
+  decoder_first    decoder_input_ids [B, 1], encoder_hidden, mask  -> logits [B, V], present self K/V, cross K/V [B, ...]
+  decoder_step     decoder_input_ids [R, 1], beam_index [R], mask [B, S], past self K/V [R', ...], cross K/V [B, ...]
+                   -> logits [R, V], present self K/V [R, ...]
+
+Decoder rows R = B requests x beams, request-major. decoder_step first gathers its past rows by
+`beam_index` (R' = the previous step's rows: B right after decoder_first, R after), so a beam
+search reorders and expands the self-attention cache inside the graph, where the cache lives; the
+cross K/V stay one per request and a request's beams share them (cross-attention reads them with
+the beams as query rows), so they are never repeated or copied per step.
 """
 from __future__ import annotations
 
@@ -117,20 +124,24 @@ def stage_specs(cfg: dict) -> dict[str, StageSpec]:
         profile={"batch": (1, 1, max_batch), "text": text, "clips": (1, a["num_clips"], 8)}))
     h, dk = t5["num_heads"], t5["d_kv"]
     max_new = 64
-    kv = lambda name, length: TensorSpec(name, f32, ("batch", h, length, dk))  # noqa: E731
-    dec_profile = {"batch": (1, 5, max_batch * 8), "enc_len": (1, 256, enc_max)}
+    kv = lambda name, rows, length: TensorSpec(name, f32, (rows, h, length, dk))  # noqa: E731
+    rows = (1, 5, max_batch * 8)  # requests x beams
+    dec_profile = {"batch": (1, 1, max_batch), "enc_len": (1, 256, enc_max)}
     specs.append(StageSpec(
         "decoder_first",
         (TensorSpec("decoder_input_ids", i64, ("batch", 1)), TensorSpec("encoder_hidden", f32, ("batch", "enc_len", d)),
          TensorSpec("encoder_mask", i64, ("batch", "enc_len"))),
         (TensorSpec("logits", f32, ("batch", t5["vocab_size"])),)
-        + tuple(kv(n, 1) for n in kv_names(cfg, "present")) + tuple(kv(n, "enc_len") for n in kv_names(cfg, "cross")),
+        + tuple(kv(n, "batch", 1) for n in kv_names(cfg, "present"))
+        + tuple(kv(n, "batch", "enc_len") for n in kv_names(cfg, "cross")),
         profile=dec_profile))
     specs.append(StageSpec(
         "decoder_step",
-        (TensorSpec("decoder_input_ids", i64, ("batch", 1)), TensorSpec("encoder_mask", i64, ("batch", "enc_len")))
-        + tuple(kv(n, "past") for n in kv_names(cfg, "past")) + tuple(kv(n, "enc_len") for n in kv_names(cfg, "cross")),
-        (TensorSpec("logits", f32, ("batch", t5["vocab_size"])),)
-        + tuple(kv(n, "past_plus_one") for n in kv_names(cfg, "present")),
-        profile={**dec_profile, "past": (1, 8, max_new)}))
+        (TensorSpec("decoder_input_ids", i64, ("rows", 1)), TensorSpec("beam_index", i64, ("rows",)),
+         TensorSpec("encoder_mask", i64, ("batch", "enc_len")))
+        + tuple(kv(n, "past_rows", "past") for n in kv_names(cfg, "past"))
+        + tuple(kv(n, "batch", "enc_len") for n in kv_names(cfg, "cross")),
+        (TensorSpec("logits", f32, ("rows", t5["vocab_size"])),)
+        + tuple(kv(n, "rows", "past_plus_one") for n in kv_names(cfg, "present")),
+        profile={**dec_profile, "rows": rows, "past_rows": rows, "past": (1, 8, max_new)}))
     return {s.name: s for s in specs}
