@@ -96,8 +96,8 @@ def directory_lock(directory: Path):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise CalibrationLockedError(f"{directory}: another `crema calibrate` is running on it "
-                                         "(it holds the directory's lock); wait until it ends") from None
+            raise CalibrationLockedError(f"{directory}: another `crema calibrate` or `crema convert-fp16` is running "
+                                         "on it (it holds the directory's lock); wait until it ends") from None
         yield
     finally:
         os.close(fd)

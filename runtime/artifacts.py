@@ -2,11 +2,13 @@
 
 manifest.json: {"format", "config", "source", "precision", "stages": [names], "files": {path: sha256},
 "answer_ids", "versions"} and, once `crema calibrate` ran, "int8": {"method", "stages": {stage:
-{"file", "mode", ...}}, "mixed": [stages that run INT8 under --precision mixed]}. The stage specs are
-rebuilt from "config" (runtime/specs.py), so the manifest cannot disagree with the code that reads it.
+{"file", "mode", ...}}, "mixed": [stages that run INT8 under --precision mixed]}; once `crema
+convert-fp16` ran, "fp16": {"converter", "io", "keep_fp32", "stages": {stage: {"file", ...}}}. The stage
+specs are rebuilt from "config" (runtime/specs.py), so the manifest cannot disagree with the code that
+reads it.
 
 Nothing in a manifest is trusted: its structure is checked key by key (ArtifactError naming the key),
-and every path it names ("files" keys, int8 "file" and "tensorrt_table") must be a relative POSIX
+and every path it names ("files" keys, int8 "file" and "tensorrt_table", fp16 "file") must be a relative POSIX
 path that stays inside the directory (no absolute path, no "..", no symlink out) and be listed in
 "files" with a sha256 hex digest, so everything loaded is hash-checked.
 """
@@ -22,7 +24,10 @@ from .specs import StageSpec, modality_names, stage_specs
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 FORMAT = 1
-PRECISIONS = ("fp32", "int8", "mixed")
+PRECISIONS = ("fp32", "int8", "mixed", "fp16")
+# the manifest section each precision other than fp32 reads, and the command that writes it
+SECTIONS = {"int8": ("int8", "crema calibrate"), "mixed": ("int8", "crema calibrate"),
+            "fp16": ("fp16", "crema convert-fp16")}
 
 
 class ArtifactError(ValueError):
@@ -66,6 +71,8 @@ def check_manifest(manifest, where: str) -> None:
             raise ArtifactError(f"{where}: files[{name!r}] is {digest!r}, expected a sha256 hex digest")
     if "int8" in manifest:
         _check_int8(manifest["int8"], where)
+    if "fp16" in manifest:
+        _check_fp16(manifest["fp16"], where)
 
 
 def _check_int8(int8, where: str) -> None:
@@ -83,13 +90,23 @@ def _check_int8(int8, where: str) -> None:
         raise ArtifactError(f"{where}: int8.mixed {mixed} must name stages of int8.stages")
 
 
+def _check_fp16(fp16, where: str) -> None:
+    if not isinstance(fp16, dict):
+        raise ArtifactError(f"{where}: 'fp16' is {_json_type(fp16)}, expected an object")
+    for name, stage in _require(where, fp16, "stages", dict, "fp16.stages").items():
+        if not isinstance(stage, dict):
+            raise ArtifactError(f"{where}: fp16.stages[{name!r}] is {_json_type(stage)}, expected an object")
+        _require(where, stage, "file", str, f"fp16.stages[{name!r}].file")
+
+
 def named_paths(manifest: dict) -> dict[str, str]:
     """Every path the manifest names -> where it names it."""
     paths = {name: f"files[{name!r}]" for name in manifest["files"]}
-    for name, stage in manifest.get("int8", {}).get("stages", {}).items():
-        for key in ("file", "tensorrt_table"):
-            if key in stage:
-                paths.setdefault(stage[key], f"int8.stages[{name!r}].{key}")
+    for section in ("int8", "fp16"):
+        for name, stage in manifest.get(section, {}).get("stages", {}).items():
+            for key in ("file", "tensorrt_table"):
+                if key in stage:
+                    paths.setdefault(stage[key], f"{section}.stages[{name!r}].{key}")
     return paths
 
 
@@ -184,9 +201,10 @@ class Artifacts:
                 raise ArtifactError(f"{path}: no entry for {spec.file}")
         if TOKENIZER not in files:
             raise ArtifactError(f"{path}: no entry for {TOKENIZER}")
-        unknown = set(self.manifest.get("int8", {}).get("stages", {})) - set(self.specs)
-        if unknown:
-            raise ArtifactError(f"{path}: int8.stages names {sorted(unknown)}, not stages of the config")
+        for section in ("int8", "fp16"):
+            unknown = set(self.manifest.get(section, {}).get("stages", {})) - set(self.specs)
+            if unknown:
+                raise ArtifactError(f"{path}: {section}.stages names {sorted(unknown)}, not stages of the config")
 
     def verify(self) -> None:
         for name, digest in self.manifest["files"].items():
@@ -198,14 +216,17 @@ class Artifacts:
 
     def path(self, stage: str, precision: str = "fp32") -> Path:
         """The graph a stage runs at `precision`: int8 where calibrated (mixed: where the calibration
-        chose it), FP32 otherwise."""
+        chose it), fp16 where converted, FP32 otherwise."""
         if precision not in PRECISIONS:
             raise ArtifactError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-        int8 = self.manifest.get("int8")
-        if precision != "fp32" and int8 is None:
-            raise ArtifactError(f"{self.dir}: no INT8 graphs (run `crema calibrate --artifacts {self.dir}`)")
-        if precision == "int8" and stage in int8["stages"] or precision == "mixed" and stage in int8["mixed"]:
-            return self.dir / int8["stages"][stage]["file"]
+        if precision == "fp32":
+            return self.dir / self.specs[stage].file
+        key, command = SECTIONS[precision]
+        section = self.manifest.get(key)
+        if section is None:
+            raise ArtifactError(f"{self.dir}: no {key.upper()} graphs (run `{command} --artifacts {self.dir}`)")
+        if stage in (section["mixed"] if precision == "mixed" else section["stages"]):
+            return self.dir / section["stages"][stage]["file"]
         return self.dir / self.specs[stage].file
 
     @property
