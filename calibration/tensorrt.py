@@ -14,6 +14,31 @@ from pathlib import Path
 from runtime.artifacts import Artifacts
 
 
+# The ONNX ops our graphs may use, each one in ONNX-TensorRT's support matrix (docs/operators.md of
+# onnx/onnx-tensorrt, the 8.5 table) with the restrictions that concern us; LayerNormalization is
+# parsed natively from TensorRT 8.6 (its release notes: "target opset 17 for LayerNormalization").
+# Checked against every exported graph by tests/test_tensorrt_ops.py, since no TensorRT runs here.
+TENSORRT_OPS = {
+    "Abs", "Add", "And", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv", "Div", "Equal", "Erf",
+    "Expand", "Flatten", "Gather", "Gemm", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Log", "MatMul",
+    "Max", "Min", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "Range", "ReduceMax", "ReduceMean", "ReduceSum",
+    "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose",
+    "Unsqueeze", "Where", "LayerNormalization",
+    "QuantizeLinear", "DequantizeLinear",  # INT8 (QDQ): TensorRT wants zero points of 0 (symmetric)
+}
+
+
+def unsupported_ops(graph) -> set[str]:
+    """Op types of an onnx GraphProto (subgraphs included) outside TENSORRT_OPS."""
+    found = set()
+    for node in graph.node:
+        found.add(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
+        for attr in node.attribute:
+            if attr.g.node:
+                found |= unsupported_ops(attr.g)
+    return found - TENSORRT_OPS
+
+
 class TensorRTUnavailable(RuntimeError):
     """No TensorRT Python package or no CUDA GPU here."""
 

@@ -1,5 +1,5 @@
-"""`crema <subcommand>`: info, run, export, parity, checkpoint, demo, train-demo, calibrate, build-trt,
-triton-repo, serve, ask. Heavy packages load inside each command (`crema ask` loads neither torch nor ORT).
+"""`crema <subcommand>`: info, run, export, parity, checkpoint, demo, train-demo, calibrate, convert-fp16,
+build-trt, triton-repo, serve, ask. Heavy packages load inside each command (`crema ask` loads neither torch nor ORT).
 
 Each subcommand has its parser function (`add_{name}`) beside its `cmd_{name}`. A user error is one
 line, `error: <message>`, on stderr with exit code 2; no option is silently ignored."""
@@ -175,7 +175,8 @@ def add_run(sub) -> None:
     ort.add_argument("--low-memory", action="store_true",
                      help="no ORT memory arena: lower peak memory, about 8%% slower vision stage")
     ort.add_argument("--precision", choices=PRECISIONS,
-                     help="fp32 (default) or INT8 graphs from `crema calibrate` (mixed: only the stages it chose)")
+                     help="fp32 (default), INT8 graphs from `crema calibrate` (mixed: only the stages it chose) or "
+                          "FP16 graphs from `crema convert-fp16`")
     ort.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"],
                      help="ONNX Runtime execution providers in priority order (repeatable; "
                           "default cpu; cuda/tensorrt need onnxruntime-gpu and a GPU)")
@@ -344,7 +345,7 @@ def add_demo(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--clips", type=int, default=1, help="how many clips to generate and ask about")
     p.add_argument("--in-process", action="store_true", help="ONNX Runtime in this process instead of a Triton server")
-    p.add_argument("--precision", choices=PRECISIONS, default="int8",
+    p.add_argument("--precision", choices=("fp32", "int8", "mixed"), default="int8",
                    help="int8 (default)/mixed: calibrate the export first (`crema calibrate`, seconds on the "
                         "demo model); FP32 if INT8 misses the fidelity bounds")
     p.add_argument("--strict", action="store_true", help="exit 1 when an answer is wrong")
@@ -427,6 +428,33 @@ def cmd_calibrate(args) -> None:
         raise SystemExit(1)
 
 
+def add_convert_fp16(sub) -> None:
+    p = sub.add_parser("convert-fp16", help="FP16 graphs for every stage (for GPUs), checked per stage against FP32, "
+                                            "installed beside them only when within DESIGN §5's bound")
+    p.add_argument("--artifacts", type=Path, required=True, help="an artifact directory from `crema export`")
+    p.add_argument("--data", type=Path, help="held-out clips + questions.jsonl (calibration/data.py); default: "
+                                            "synthetic clips, seed 1")
+    p.add_argument("--questions", type=int, default=60, help="held-out questions (their stage inputs and answers)")
+    p.add_argument("--keep-fp32", action="append", metavar="EXCEPTION",
+                   help="an FP32 exception (export/fp16.py: position_buckets, t5_ffn_output, t5_norm_residual, "
+                        "softmax, layer_normalization; none: no exception); repeatable; given, it replaces the default (the "
+                        "first three)")
+    p.add_argument("--force", action="store_true",
+                   help="install the FP16 graphs even when they miss the bound (benchmarks on random weights)")
+    p.set_defaults(func=cmd_convert_fp16)
+
+
+def cmd_convert_fp16(args) -> None:
+    from export.fp16 import KEEP_FP32, convert_fp16, format_report, report_path
+    keep = tuple(k for k in args.keep_fp32 if k != "none") if args.keep_fp32 else KEEP_FP32
+    report = convert_fp16(args.artifacts, data=args.data, questions=args.questions, keep_fp32=keep, force=args.force)
+    print(format_report(report))
+    installed = "FP16 graphs installed" if report["installed"] else "nothing installed: the artifacts are as they were"
+    print(f"({installed}; report: {report_path(args.artifacts, report)})", file=sys.stderr)
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
 def add_build_trt(sub) -> None:
     p = sub.add_parser("build-trt", help="TensorRT engines from the ONNX graphs (NVIDIA GPU; profiles from the "
                                          "stage specs, INT8 ranges from `crema calibrate`)")
@@ -455,10 +483,13 @@ def add_triton_repo(sub) -> None:
                    help="python: every stage a python model over ONNX Runtime (the pip server, CPU); native: "
                         "onnxruntime_onnx / tensorrt_plan models for NVIDIA's Triton containers")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="which graphs to serve (int8/mixed need `crema calibrate`)")
+                   help="which graphs to serve (int8/mixed need `crema calibrate`, fp16 `crema convert-fp16`)")
     p.add_argument("--instances", type=int, default=1, help="instances per model")
     p.add_argument("--max-input-mb", type=int, default=64, help="refuse requests whose inputs exceed this")
     p.add_argument("--trt-engines", type=Path, help="native: a folder of {stage}.plan from `crema build-trt`")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="python flavour: run the stage and llm models on the server's GPUs with ONNX Runtime's "
+                        "CUDA provider (onnxruntime-gpu beside Triton; the decode loop keeps its cache on the GPU)")
     p.add_argument("--cache-mb", type=int, default=64, help="response cache of each encoder model (per instance; "
                                                            "0: none); it keeps successful outputs only")
     p.add_argument("--cores", type=int, help="CPU hosts: every model instance needs N free cores to run (Triton's "
@@ -470,7 +501,7 @@ def cmd_triton_repo(args) -> None:
     from triton_models.repository import generate_repository, validate
     repo = generate_repository(args.artifacts, args.out, flavour=args.flavour, precision=args.precision,
                                instances=args.instances, max_input_mb=args.max_input_mb, trt_engines=args.trt_engines,
-                               cores=args.cores, cache_mb=args.cache_mb)
+                               cores=args.cores, cache_mb=args.cache_mb, device=args.device)
     models = validate(repo)
     print(f"wrote {repo}: {len(models)} models ({', '.join(sorted(models))}), flavour {args.flavour}, "
           f"{args.precision}")
@@ -558,8 +589,8 @@ def cmd_ask(args) -> None:
 
 # --- the command ---------------------------------------------------------------------------------
 
-SUBCOMMANDS = (add_info, add_run, add_export, add_parity, add_checkpoint, add_demo, add_calibrate, add_build_trt,
-               add_train_demo, add_triton_repo, add_serve, add_ask)
+SUBCOMMANDS = (add_info, add_run, add_export, add_parity, add_checkpoint, add_demo, add_calibrate, add_convert_fp16,
+               add_build_trt, add_train_demo, add_triton_repo, add_serve, add_ask)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -164,7 +164,7 @@ def test_killed_calibration_installs_nothing_and_a_running_one_refuses_a_second(
                   "INT8 decoder_step graph")
         os.kill(proc.pid, signal.SIGSTOP)  # hold it mid-run (it keeps its lock), then kill it
         assert proc.poll() is None, "the calibration finished before it could be stopped"
-        with pytest.raises(CalibrationLockedError, match="another `crema calibrate` is running"):
+        with pytest.raises(CalibrationLockedError, match="another `crema calibrate` or `crema convert-fp16` is running"):
             calibrate(directory, questions=8, eval_questions=6, log=lambda *_: None)
     finally:
         proc.kill()
@@ -243,3 +243,13 @@ def test_killed_export_is_cleaned_by_the_next(tmp_path):
     export_artifacts(make_model(), out, {"preset": "tiny"}, progress=False)
     assert list(tmp_path.iterdir()) == [out]
     Artifacts(out)
+
+
+def test_int8_graphs_use_only_ops_tensorrt_parses(calibrated):
+    import onnx
+
+    from calibration.tensorrt import unsupported_ops
+    art = Artifacts(calibrated[0])
+    for name in art.specs:
+        graph = onnx.load(str(art.path(name, "int8")), load_external_data=False).graph
+        assert not unsupported_ops(graph), (name, unsupported_ops(graph))

@@ -314,8 +314,8 @@ def test_a_crashed_tritonserver_is_restarted_and_in_flight_requests_fail_at_once
 def test_64_clients_mixing_good_and_bad_requests_while_a_model_process_dies(served):
     """64 clients in 4 processes (tests/load_client.py), 30 % of their requests malformed, for 30 s;
     a model process is killed at 10 s. Good requests issued after the repair all answer correctly;
-    bad ones all get their own error (but for those the kill caught); the ones the kill caught fail
-    within 5 s saying "retry"."""
+    bad ones all get their own error (but for those the kill caught); the ones the kill caught, or
+    that came during the repair, fail within 5 s saying "retry"."""
     service = served["service"]
     events, reloads = len(service.supervisor.events), service.supervisor.count("reload")
     e = service.endpoints
@@ -338,9 +338,9 @@ def test_64_clients_mixing_good_and_bad_requests_while_a_model_process_dies(serv
     assert len(before) > 20 and len(after) > 20, (len(before), len(after))
     assert all(r["ok"] for r in outside), [r for r in outside if not r["ok"]][:3]  # before and after: all right
     assert all(r["error"] for r in window if r["kind"] == "bad")  # a bad request never gets an answer
-    caught = [r for r in window if not r["ok"]]
-    assert all(r["end"] - killed < 5.0 and ("retry" in r["error"] or "not healthy" in r["error"]) for r in caught), \
-        caught[:3]
+    caught = [r for r in window if not r["ok"]]  # each answered within 5 s of the kill or of its own start
+    assert all(r["end"] - max(r["start"], killed) < 5.0 and ("retry" in r["error"] or "not healthy" in r["error"])
+               for r in caught), [(r["end"] - max(r["start"], killed), r["error"]) for r in caught][:3]
 
 
 def test_a_taken_port_is_named_in_the_first_line(served):

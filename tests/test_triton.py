@@ -88,6 +88,21 @@ def test_rate_limited_repository(setup, tmp_path):
     assert "--rate-limit" in TritonServer(repo).command()
 
 
+def test_gpu_repository_runs_stages_and_the_decode_loop_on_the_gpu(setup, tmp_path):
+    """Configs only (no GPU here): stage models and llm as KIND_GPU instances with the CUDA provider,
+    preprocess on the CPU."""
+    configs = validate(generate_repository(setup["artifacts"], tmp_path / "repo", device="gpu"))
+    for name, cfg in configs.items():
+        if name == "crema":
+            continue
+        kinds = {g.kind for g in cfg.instance_group}
+        gpu = name != "preprocess"
+        assert kinds == {mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU}, name
+        assert cfg.parameters["providers"].string_value == ("cuda" if gpu else ""), name
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        generate_repository(setup["artifacts"], tmp_path / "x", device="tpu")
+
+
 def test_int8_repository_needs_calibrated_artifacts(setup, tmp_path):
     with pytest.raises(ValueError, match="no INT8 graphs"):
         generate_repository(setup["artifacts"], tmp_path / "repo", precision="int8")

@@ -5,7 +5,10 @@ StageModel       one exported stage over ONNX Runtime (python flavour); batched 
 PreprocessModel  raw request inputs -> each modality's model input (runtime.inputs, checks included)
 LlmModel         question + modality tokens -> fuse_encode -> decode loop over decoder_first /
                  decoder_step (runtime.pipeline.decode_answers) -> answer text, mcqa option scores;
-                 the stages run in this process (python flavour) or as other models through BLS (native)
+                 the stages run in this process (python flavour: the KV cache stays in ORT values,
+                 runtime.pipeline.CachedDecoder) or as other models through BLS (native: Triton cannot
+                 keep ORT values across calls, so the cache is numpy and travels with each step,
+                 runtime.pipeline.HostCachedDecoder; cross K/V once per request, not per beam)
 
 A bad request gets an error response naming the problem; the model keeps serving the others.
 StageModel and PreprocessModel keep their successful outputs in a ResponseCache (triton_models/cache.py;
@@ -23,7 +26,7 @@ import triton_python_backend_utils as pb_utils
 
 from runtime.artifacts import TOKENIZER
 from runtime.inputs import request_from_files
-from runtime.pipeline import (RequestError, Stage, check_inputs, decode_answers, fuse_encode,
+from runtime.pipeline import (RequestError, Stage, check_inputs, decode_answers, execution_providers, fuse_encode,
                               generation_settings, session_options)
 from runtime.specs import VISUAL, StageSpec, modality_names, stage_specs
 from runtime.text import QuestionTokenizer, clean_question
@@ -43,6 +46,15 @@ def _model_info(args: dict) -> tuple[Path, dict]:
 def _parameter(args: dict, name: str, default: int) -> int:
     params = json.loads(args["model_config"]).get("parameters", {})
     return int(params.get(name, {}).get("string_value", default))
+
+
+def _providers(args: dict) -> list:
+    """ONNX Runtime providers from the config's `providers` parameter (cpu | cuda), the CUDA one on
+    the GPU Triton gave this instance."""
+    params = json.loads(args["model_config"]).get("parameters", {})
+    names = params.get("providers", {}).get("string_value", "cpu").split(",")
+    device = int(args.get("model_instance_device_id") or 0)
+    return [(p, {"device_id": device}) if p == "CUDAExecutionProvider" else p for p in execution_providers(names)]
 
 
 def _input(request, name: str) -> np.ndarray | None:
@@ -112,7 +124,7 @@ class StageModel(CachedModel):
         version, info = _model_info(args)
         self.spec: StageSpec = stage_specs(info["config"])[info["stage"]]
         # no spinning: a dozen model processes share the cores
-        self.stage = Stage(self.spec, version / "model.onnx", session_options(spin=False), ["CPUExecutionProvider"])
+        self.stage = Stage(self.spec, version / "model.onnx", session_options(spin=False), _providers(args))
         self.batched = json.loads(args["model_config"])["max_batch_size"] > 0
         self.init_cache(args)
 
@@ -167,7 +179,8 @@ class PreprocessModel(CachedModel):
 
 
 class BlsStage:
-    """A stage served by another model of this server, called like runtime.pipeline.Stage."""
+    """A stage served by another model of this server, called like runtime.pipeline.Stage (numpy in and
+    out: decode_answers gives it the host-cache decoder)."""
 
     def __init__(self, spec: StageSpec):
         self.spec = spec
@@ -189,7 +202,7 @@ class LlmModel:
         specs = stage_specs(self.config)
         if info["local_stages"]:  # python flavour: ONNX Runtime in this process
             options = session_options(spin=False)
-            self.stages = {n: Stage(specs[n], version / f"{n}.onnx", options, ["CPUExecutionProvider"])
+            self.stages = {n: Stage(specs[n], version / f"{n}.onnx", options, _providers(args))
                            for n in LLM_STAGES}
         else:
             self.stages = {n: BlsStage(specs[n]) for n in LLM_STAGES}

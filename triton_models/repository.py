@@ -37,6 +37,7 @@ from runtime.specs import VISUAL, StageSpec, TensorSpec
 from .layout import ANSWER_OUTPUTS, ENSEMBLE, LLM, LLM_STAGES, MODEL_INFO, PREPROCESS, TASK_INPUTS
 
 FLAVOURS = ("python", "native")
+DEVICES = ("cpu", "gpu")  # where the python flavour's stage and llm models run (ONNX Runtime's CPU or CUDA provider)
 DTYPES = {"float32": mc.TYPE_FP32, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32, "bytes": mc.TYPE_STRING}
 MAX_QUEUE_DELAY_US = 500  # dynamic batcher: the visual modalities of one request arrive within this
 PYTHON_MODEL = "from triton_models.python_models import {cls} as TritonPythonModel  # noqa: F401\n"
@@ -59,7 +60,11 @@ def batched(spec: StageSpec) -> bool:
     return spec.batch_axis is not None and all(t.dims[0] == spec.batch_axis for t in spec.inputs + spec.outputs)
 
 
-def stage_config(spec: StageSpec, flavour: str, cache_bytes: int, instances: int) -> mc.ModelConfig:
+def _instances(cfg: mc.ModelConfig, count: int, kind) -> None:
+    cfg.instance_group.add(count=count, kind=kind)
+
+
+def stage_config(spec: StageSpec, flavour: str, cache_bytes: int, instances: int, device: str = "cpu") -> mc.ModelConfig:
     """A stage's ModelConfig: inputs/outputs from its spec; batched stages get max_batch_size = the
     spec's TensorRT profile maximum on the batch axis and the dynamic batcher."""
     is_batched = batched(spec)
@@ -72,11 +77,22 @@ def stage_config(spec: StageSpec, flavour: str, cache_bytes: int, instances: int
     cfg.output.extend(_io(mc.ModelOutput, t.name, t.dtype, _dims(t, is_batched)) for t in spec.outputs)
     if is_batched:
         cfg.dynamic_batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
-    cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU if flavour == "python"
-                           else mc.ModelInstanceGroup.KIND_AUTO)
     if flavour == "python":
+        python_device(cfg, instances, device)
         cfg.parameters["cache_bytes"].string_value = str(cache_bytes)
+    else:
+        _instances(cfg, instances, mc.ModelInstanceGroup.KIND_AUTO)  # the GPU when the server has one
     return cfg
+
+
+def python_device(cfg: mc.ModelConfig, instances: int, device: str) -> None:
+    """Instances on the CPU, or on each GPU with ONNX Runtime's CUDA provider (`providers` parameter,
+    read by triton_models/python_models.py; Triton gives each instance its GPU's id)."""
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
+    gpu = device == "gpu"
+    _instances(cfg, instances, mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
+    cfg.parameters["providers"].string_value = "cuda" if gpu else "cpu"
 
 
 def preprocess_io(config: dict, names: list[str]) -> tuple[list, list]:
@@ -180,14 +196,16 @@ def _python_model(directory: Path, cls: str, info: dict) -> None:
 
 def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "python", precision: str = "fp32",
                         instances: int = 1, max_input_mb: int = 64, trt_engines: str | Path | None = None,
-                        cores: int | None = None, cache_mb: int = 64) -> Path:
+                        cores: int | None = None, cache_mb: int = 64, device: str = "cpu") -> Path:
     """Write the repository (atomically: a temp folder renamed into place); returns its path.
 
     trt_engines: native flavour only, a folder of `{stage}.plan` (crema build-trt); those stages
     become tensorrt_plan models, the rest onnxruntime_onnx.
     cores: CPU hosts: each model instance needs this many of the server's cores to run (Triton's
     rate limiter), so concurrent requests do not run several multi-threaded stages at once.
-    cache_mb: each encoder model's response cache (per instance; 0 = none)."""
+    cache_mb: each encoder model's response cache (per instance; 0 = none).
+    device: python flavour: "gpu" runs the stage models and the llm model (its device-resident decode
+    loop) on the server's GPUs with ONNX Runtime's CUDA provider (needs onnxruntime-gpu beside Triton)."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
     if trt_engines and flavour != "native":
@@ -199,7 +217,7 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(tmp, art, flavour, precision, instances, max_input_mb, trt_engines, cores, cache_mb << 20)
+        _write(tmp, art, flavour, precision, instances, max_input_mb, trt_engines, cores, cache_mb << 20, device)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -209,7 +227,7 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
 
 
 def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: int, max_input_mb: int,
-           trt_engines, cores: int | None, cache_bytes: int) -> None:
+           trt_engines, cores: int | None, cache_bytes: int, device: str) -> None:
     config, names = art.config, art.modalities
     encoders = {"vision", "audio_encoder"} | {f"mmqa_{m}" for m in names}
     # python flavour: the llm model runs the LLM stages in its own process (a BLS hop per decode
@@ -222,7 +240,7 @@ def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: i
             continue
         version = tmp / name / "1"
         version.mkdir(parents=True)
-        cfg = configs[name] = stage_config(spec, flavour, cache_bytes if name in encoders else 0, instances)
+        cfg = configs[name] = stage_config(spec, flavour, cache_bytes if name in encoders else 0, instances, device)
         plan = Path(trt_engines) / f"{name}.plan" if trt_engines else None
         if plan is not None and plan.is_file():
             cfg.platform, cfg.default_model_filename = "tensorrt_plan", "model.plan"
@@ -237,6 +255,9 @@ def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: i
                                                     "cache_bytes": str(cache_bytes)})
     _python_model(tmp / PREPROCESS, "PreprocessModel", {"config": config})
     configs[LLM] = python_config(LLM, llm_inputs(config, names), ANSWER_OUTPUTS, instances)
+    if local:  # the llm model runs the LLM graphs itself: on the device the stages use
+        del configs[LLM].instance_group[:]
+        python_device(configs[LLM], instances, device)
     _python_model(tmp / LLM, "LlmModel", {"config": config, "answer_ids": art.manifest["answer_ids"],
                                            "local_stages": local})
     _place(art.dir / TOKENIZER, tmp / LLM / "1" / TOKENIZER)
@@ -249,7 +270,8 @@ def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: i
     (tmp / ENSEMBLE / "1").mkdir(parents=True)
     for name, cfg in configs.items():
         write_config(tmp / name, cfg)
-    (tmp / MODEL_INFO).write_text(json.dumps({"flavour": flavour, "precision": precision, "artifacts": str(art.dir),
+    (tmp / MODEL_INFO).write_text(json.dumps({"flavour": flavour, "precision": precision, "device": device,
+                                              "artifacts": str(art.dir),
                                               "source": art.manifest["source"], "modalities": names,
                                               "rate_limit_cores": cores}, indent=2))
 
