@@ -6,6 +6,7 @@ line, `error: <message>`, on stderr with exit code 2; no option is silently igno
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -58,13 +59,17 @@ def key_value(text: str) -> tuple[str, str]:
 
 def _raw_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", required=True)
-    p.add_argument("--video", type=Path, help="the video file (rgb frames; optical flow is computed from it)")
+    p.add_argument("--video", type=Path, help="the video file (rgb frames; optical flow is computed from it; "
+                                              "its soundtrack is the audio when --audio is not given)")
     p.add_argument("--depth", type=Path, help="depth maps: .npy [T, H, W] or [H, W], 16-bit PNG, or a folder "
                                               "of them (depth, and normals computed from it)")
-    p.add_argument("--audio", type=Path, help="a sound file (WAV, FLAC, OGG), resampled to 16 kHz mono")
+    p.add_argument("--audio", type=Path, help="a sound file (WAV, FLAC, OGG), resampled to 16 kHz mono "
+                                              "(default: the video's soundtrack)")
     p.add_argument("--pc", type=Path, help="3D: .npz with 'feat' [points, feature_dim] and 'coords' [points, 3]")
-    p.add_argument("--visual", action="append", default=[], type=key_value, metavar="MODALITY=FILE.npy",
-                   help="pre-extracted, normalised frames [T, 3, S, S] of a visual modality; repeatable")
+    p.add_argument("--visual", action="append", default=[], type=key_value, metavar="MODALITY=PATH",
+                   help="a visual modality's own frames (rgb, depth, flow, norm), used as images: a .npy of "
+                        "normalised frames [T, 3, S, S], a folder of PNG/JPEG frames (sampled as CREMA's "
+                        "load_frames) or a video; repeatable. Depth maps (values, not images) go to --depth")
 
 
 def visual_files(pairs: list[tuple[str, str]]) -> dict[str, Path]:
@@ -75,6 +80,24 @@ def visual_files(pairs: list[tuple[str, str]]) -> dict[str, Path]:
             raise UsageError(f"--visual {modality}: given twice")
         out[modality] = Path(path)
     return out
+
+
+# request fields (named by runtime and server errors) -> the flags that give them here
+FIELD_FLAGS = {"video": "--video", "depth": "--depth", "audio": "--audio", "pc_feat": "--pc", "pc_coords": "--pc"}
+
+
+def flag_names(message: str) -> str:
+    """An error naming request fields ("request field audio") -> naming this command's flags ("--audio")."""
+    def flags(match: re.Match) -> str:
+        out: list[str] = []
+        for field in match.group(1).split(" and "):
+            flag = FIELD_FLAGS.get(field) or (f"--visual {field[:-len('_frames')]}=PATH" if field.endswith("_frames")
+                                              else field)
+            if flag not in out:
+                out.append(flag)
+        return " and ".join(out)
+
+    return re.sub(r"(?:the )?request fields? (\w+(?: and \w+)*)", flags, message)
 
 
 def _given(args, options) -> list[str]:
@@ -196,8 +219,11 @@ def read_request(args, question: str, config: dict):
     """CLI files -> runtime.pipeline.Request (numpy), each modality extracted as runtime/inputs.py says."""
     from runtime.inputs import request_from_files
 
-    return request_from_files(config, question, video=args.video, depth=args.depth, depth_model=args.depth_model,
-                              audio=args.audio, pc=args.pc, frames=visual_files(args.visual))
+    try:
+        return request_from_files(config, question, video=args.video, depth=args.depth, depth_model=args.depth_model,
+                                  audio=args.audio, pc=args.pc, frames=visual_files(args.visual))
+    except ValueError as e:
+        raise ValueError(flag_names(str(e))) from None
 
 
 def run_artifacts(args) -> None:
@@ -211,6 +237,8 @@ def run_artifacts(args) -> None:
     from runtime.pipeline import Pipeline
     pipeline = Pipeline(args.artifacts, threads=args.threads, memory_arena=not args.low_memory,
                         precision=args.precision or "fp32", providers=args.provider)
+    if args.depth is None and args.depth_model is None:  # no maps, no ONNX model: the exported estimator, if any
+        args.depth_model = pipeline.depth_estimator
     request = read_request(args, question, pipeline.config)
     start = time.perf_counter()
     answer = pipeline.answer([request], num_beams=args.beams, max_new_tokens=args.max_new_tokens,
@@ -286,11 +314,18 @@ def add_export(sub) -> None:
     _model_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--depth-model", type=Path, metavar="DIR",
+                   help="a local Hugging Face depth model (ZoeDepth, Depth Anything, DPT: config.json, weights, "
+                        "preprocessor_config.json), exported as the depth_estimator stage: `crema run` then computes "
+                        "depth (and normals) from the video when no depth maps are given")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> None:
     from export.onnx_export import export_artifacts
+    if args.depth_model is not None:  # refused in seconds, before the model loads
+        from export.depth import check_depth_model
+        check_depth_model(args.depth_model)
     model = load_model(args)
     if args.preset == "demo":
         from reference.weights import DEMO_SOURCE
@@ -302,7 +337,7 @@ def cmd_export(args) -> None:
     else:
         source = {k: str(Path(v).resolve()) for k, v in (("blip2_dir", args.blip2_dir), ("crema_ckpt", args.crema_ckpt),
                                                          ("beats_ckpt", args.beats_ckpt)) if v}
-    out = export_artifacts(model, args.out, source, progress=not args.quiet)
+    out = export_artifacts(model, args.out, source, progress=not args.quiet, depth_model=args.depth_model)
     print(f"wrote {out}")
 
 
@@ -572,17 +607,20 @@ def add_ask(sub) -> None:
 
 def cmd_ask(args) -> None:
     from runtime.text import clean_question
-    from triton_models.client import AskError, CremaClient, tensors_from_files
+    from triton_models.client import AskError, CremaClient, needs_frame_shapes, tensors_from_files
 
     question = clean_question(args.question)
-    tensors = tensors_from_files(question, video=args.video, depth=args.depth, audio=args.audio, pc=args.pc,
-                                 frames=visual_files(args.visual), task=args.task, num_beams=args.beams,
-                                 max_new_tokens=args.max_new_tokens)
+    frames = visual_files(args.visual)
+    read = lambda shapes=None: tensors_from_files(  # noqa: E731
+        question, video=args.video, depth=args.depth, audio=args.audio, pc=args.pc, frames=frames,
+        frame_shapes=shapes, task=args.task, num_beams=args.beams, max_new_tokens=args.max_new_tokens)
+    folders = needs_frame_shapes(frames)  # a folder or video of frames: sampled here at the served model's shape
+    tensors = None if folders else read()
     try:
         with CremaClient(args.url, args.protocol, timeout_s=args.timeout) as client:
-            result = client.infer(tensors)
+            result = client.infer(tensors if tensors is not None else read(client.frame_shapes()))
     except AskError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {flag_names(str(e))}", file=sys.stderr)
         raise SystemExit(2)
     _print_answer(question, result.answer, result.option_scores, result.seconds, f"Triton {args.protocol} {args.url}")
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from reference.model import Crema
 from runtime.artifacts import write_manifest
-from runtime.specs import StageSpec, stage_specs
+from runtime.specs import DEPTH_ESTIMATOR, StageSpec, stage_specs
 
 from .stages import stage_module
 
@@ -133,11 +133,21 @@ def remove_stale(parent: Path, name: str) -> list[Path]:
     return removed
 
 
-def export_artifacts(model: Crema, out: str | Path, source: dict, progress: bool = True) -> Path:
-    """All stages of `model` -> `out/` (graphs, tokenizer.json, manifest.json), atomically."""
+def export_artifacts(model: Crema, out: str | Path, source: dict, progress: bool = True,
+                     depth_model: str | Path | None = None) -> Path:
+    """All stages of `model` -> `out/` (graphs, tokenizer.json, manifest.json), atomically.
+    depth_model: a local Hugging Face depth model directory, exported as the depth_estimator stage
+    (export/depth.py; checked before anything is written)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty (choose another --out or remove it)")
+    depth = None
+    if depth_model is not None:
+        if not {"depth", "norm"} & set(model.cfg.modality_names):
+            raise ValueError(f"depth model {depth_model}: the modalities ({'_'.join(model.cfg.modalities)}) use no "
+                             "depth (configure depth or norm)")
+        from .depth import load_depth_model
+        depth = load_depth_model(depth_model)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out.parent, out.name)
     cfg = model.cfg.to_dict()
@@ -146,8 +156,12 @@ def export_artifacts(model: Crema, out: str | Path, source: dict, progress: bool
     try:
         for spec in tqdm(specs.values(), desc="export", unit="graph", disable=not progress):
             export_stage(model, spec, tmp / spec.file)
+        sections = {}
+        if depth is not None:
+            from .depth import export_depth_module
+            sections[DEPTH_ESTIMATOR] = export_depth_module(*depth, tmp / f"{DEPTH_ESTIMATOR}.onnx")
         model.tokenizer.save(tmp)
-        write_manifest(tmp, cfg, source, "fp32", list(model.answer_ids), versions())
+        write_manifest(tmp, cfg, source, "fp32", list(model.answer_ids), versions(), sections)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

@@ -4,7 +4,8 @@ Per stage: the ORT graph and the reference module run on the same inputs (the re
 intermediate tensors); error = max |ort - ref| / max |ref|, and cosine similarity. The decoder
 graphs are checked against HF T5's full forward, not against the export wrapper. End to end: the
 generated token ids of the ORT pipeline and of `Crema.generate`, greedy and beam, batch 1 and a
-batch of 3 ragged questions.
+batch of 3 ragged questions. An exported depth estimator is checked against the transformers model
+reloaded from its source directory (in eval mode) on random normalised pixels.
 """
 from __future__ import annotations
 
@@ -142,6 +143,22 @@ def decoder_parity(lm, pipeline: Pipeline, hidden: torch.Tensor, enc_mask: torch
     return out
 
 
+@torch.no_grad()
+def depth_parity(pipeline: Pipeline, seed: int = 1, frames: int = 3) -> dict | None:
+    """The depth_estimator graph against the transformers module it came from (None: not exported)."""
+    section = pipeline.artifacts.depth
+    if section is None:
+        return None
+    from .depth import load_depth_model, sample_pixels
+    module, _ = load_depth_model(section["source"])
+    x = sample_pixels(section, frames=frames, seed=seed)
+    got = pipeline.depth_estimator.stage(pixel_values=x.numpy())["predicted_depth"]
+    row = compare(got, module(x))
+    row["bound"] = STAGE_BOUND
+    row["ok"] = row["max_rel_err"] <= STAGE_BOUND
+    return row
+
+
 def end_to_end(model: Crema, pipeline: Pipeline, inputs: CremaInputs, **generation) -> dict:
     ref = [a.token_ids for a in model.generate(inputs, **generation)]
     got = [a.token_ids for a in pipeline.answer(to_requests(inputs), **generation)]
@@ -154,6 +171,9 @@ def parity_report(artifacts: str | Path, seed: int = 1) -> dict:
     cfg = model.cfg
     inputs = random_inputs(cfg, batch=3, seed=seed)
     report = {"artifacts": str(artifacts), "stages": stage_parity(model, pipeline, inputs), "end_to_end": []}
+    depth = depth_parity(pipeline, seed=seed)
+    if depth is not None:
+        report["stages"]["depth_estimator"] = depth
     decodes = [{"num_beams": 1}] + ([{"num_beams": cfg.generation.num_beams}]
                                     if cfg.downstream_task == "oeqa" and cfg.generation.num_beams > 1 else [])
     for gen in decodes:

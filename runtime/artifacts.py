@@ -3,9 +3,13 @@
 manifest.json: {"format", "config", "source", "precision", "stages": [names], "files": {path: sha256},
 "answer_ids", "versions"} and, once `crema calibrate` ran, "int8": {"method", "stages": {stage:
 {"file", "mode", ...}}, "mixed": [stages that run INT8 under --precision mixed]}; once `crema
-convert-fp16` ran, "fp16": {"converter", "io", "keep_fp32", "stages": {stage: {"file", ...}}}. The stage
-specs are rebuilt from "config" (runtime/specs.py), so the manifest cannot disagree with the code that
-reads it.
+convert-fp16` ran, "fp16": {"converter", "io", "keep_fp32", "stages": {stage: {"file", ...}}}; when
+exported with `--depth-model DIR`, "depth_estimator": {"architecture", "model_type", "source",
+"input_size" [H, W], "output_size" [H', W'], "rescale", "mean" [3], "std" [3], "resize", "pad", "output",
+"batch_vote"}: what the runtime needs to preprocess frames for `depth_estimator.onnx` and read its
+output (runtime/specs.py, runtime/modalities.ExportedDepthEstimator). That stage is not in "stages":
+calibration and FP16 conversion leave it FP32. The stage specs are rebuilt from "config" and that section
+(runtime/specs.py), so the manifest cannot disagree with the code that reads it.
 
 Nothing in a manifest is trusted: its structure is checked key by key (ArtifactError naming the key),
 and every path it names ("files" keys, int8 "file" and "tensorrt_table", fp16 "file") must be a relative POSIX
@@ -19,7 +23,8 @@ import json
 import re
 from pathlib import Path, PurePosixPath
 
-from .specs import StageSpec, modality_names, stage_specs
+from .specs import (DEPTH_OUTPUTS, DEPTH_PADS, DEPTH_RESIZE, MAX_DEPTH_SIDE, StageSpec, depth_estimator_spec,
+                    modality_names, stage_specs)
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -73,6 +78,8 @@ def check_manifest(manifest, where: str) -> None:
         _check_int8(manifest["int8"], where)
     if "fp16" in manifest:
         _check_fp16(manifest["fp16"], where)
+    if "depth_estimator" in manifest:
+        _check_depth(manifest["depth_estimator"], where)
 
 
 def _check_int8(int8, where: str) -> None:
@@ -97,6 +104,33 @@ def _check_fp16(fp16, where: str) -> None:
         if not isinstance(stage, dict):
             raise ArtifactError(f"{where}: fp16.stages[{name!r}] is {_json_type(stage)}, expected an object")
         _require(where, stage, "file", str, f"fp16.stages[{name!r}].file")
+
+
+def _check_depth(depth, where: str) -> None:
+    """The "depth_estimator" section: sizes, preprocessing and output kind the runtime can apply."""
+    if not isinstance(depth, dict):
+        raise ArtifactError(f"{where}: 'depth_estimator' is {_json_type(depth)}, expected an object")
+    for key in ("architecture", "model_type", "source", "resize", "output"):
+        _require(where, depth, key, str, f"depth_estimator.{key}")
+    for key, n in (("input_size", 2), ("output_size", 2), ("mean", 3), ("std", 3)):
+        value = _require(where, depth, key, list, f"depth_estimator.{key}")
+        kind = int if key.endswith("size") else (int, float)
+        if len(value) != n or not all(isinstance(x, kind) and not isinstance(x, bool) for x in value):
+            raise ArtifactError(f"{where}: depth_estimator.{key} is {value!r}, expected {n} "
+                                f"{'integers' if kind is int else 'numbers'}")
+    for key in ("input_size", "output_size"):
+        if not all(1 <= x <= MAX_DEPTH_SIDE for x in depth[key]):
+            raise ArtifactError(f"{where}: depth_estimator.{key} {depth[key]}: each side must be 1..{MAX_DEPTH_SIDE}")
+    if not all(x > 0 for x in depth["std"]):
+        raise ArtifactError(f"{where}: depth_estimator.std {depth['std']}: must be positive")
+    rescale = depth.get("rescale")
+    if not isinstance(rescale, (int, float)) or isinstance(rescale, bool) or not rescale > 0:
+        raise ArtifactError(f"{where}: depth_estimator.rescale {rescale!r}: expected a positive number")
+    if not isinstance(depth.get("batch_vote", False), bool):
+        raise ArtifactError(f"{where}: depth_estimator.batch_vote is {depth['batch_vote']!r}, expected a boolean")
+    for key, allowed in (("resize", DEPTH_RESIZE), ("output", DEPTH_OUTPUTS), ("pad", DEPTH_PADS)):
+        if depth.get(key) not in allowed:
+            raise ArtifactError(f"{where}: depth_estimator.{key} is {depth.get(key)!r}, expected one of {list(allowed)}")
 
 
 def named_paths(manifest: dict) -> dict[str, str]:
@@ -140,11 +174,13 @@ def hash_files(directory: Path) -> dict[str, str]:
 
 
 def write_manifest(directory: Path, config: dict, source: dict, precision: str, answer_ids: list[int],
-                   versions: dict) -> dict:
-    """Hash every file in `directory` and write the manifest (call last, before the atomic rename)."""
+                   versions: dict, sections: dict | None = None) -> dict:
+    """Hash every file in `directory` and write the manifest (call last, before the atomic rename).
+    sections: optional sections, e.g. {"depth_estimator": {...}}; checked as a loader checks them."""
     manifest = {"format": FORMAT, "config": config, "source": source, "precision": precision,
                 "stages": list(stage_specs(config)), "files": hash_files(directory), "answer_ids": answer_ids,
-                "versions": versions}
+                "versions": versions, **(sections or {})}
+    check_manifest(manifest, str(directory / MANIFEST))
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -185,6 +221,8 @@ class Artifacts:
             raise ArtifactError(f"{path}: 'config' is not a CREMA configuration ({type(e).__name__}: {e})") from e
         if list(self.specs) != self.manifest["stages"]:
             raise ArtifactError(f"{path}: stages {self.manifest['stages']} do not match the config's {list(self.specs)}")
+        self.depth: dict | None = self.manifest.get("depth_estimator")  # preprocessing + output kind
+        self.depth_spec: StageSpec | None = None if self.depth is None else depth_estimator_spec(self.depth)
         self._check_files(path)
         if verify:
             self.verify()
@@ -196,7 +234,7 @@ class Artifacts:
             safe_path(self.dir, name, f"{path}: {where}")
             if name not in files:
                 raise ArtifactError(f"{path}: {where} names {name!r}, which 'files' does not list with its sha256")
-        for spec in self.specs.values():
+        for spec in [*self.specs.values(), *([self.depth_spec] if self.depth_spec else [])]:
             if spec.file not in files:
                 raise ArtifactError(f"{path}: no entry for {spec.file}")
         if TOKENIZER not in files:

@@ -9,6 +9,8 @@ onnxruntime or OpenCV.
   read_npy(source, name, max_bytes)     a .npy (path or bytes) -> array, refused from the header when
                                         larger than max_bytes; `rows=` loads only those rows of axis 0
   png_size(source, name)                a PNG's (height, width) from its IHDR chunk
+  image_size(path, name)                a PNG's or JPEG's (height, width) from its header (JPEG: the SOF
+                                        segment, found by walking the segments before it)
   check_dimensions(h, w, name)          refuses absurd image/video sizes before decoding
   fit_size(h, w)                        the size a frame is downscaled to (FRAME_PIXELS budget)
 
@@ -38,6 +40,8 @@ MAX_NPY_BYTES = 256 << 20
 MAX_POINTS_BYTES = 512 << 20
 NPY_MAGIC = b"\x93NUMPY"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8"
+MAX_JPEG_SEGMENTS = 256  # segments walked to find a JPEG's frame header (EXIF, ICC, ... come first)
 
 
 class InputFileError(ValueError):
@@ -81,6 +85,56 @@ def png_size(source: str | Path | bytes, name: str | None = None) -> tuple[int, 
         raise InputFileError(f"{label}: not a PNG (no PNG signature and IHDR header)")
     width, height = struct.unpack(">II", head[16:24])
     return height, width
+
+
+def image_size(path: str | Path, name: str | None = None) -> tuple[int, int]:
+    """A PNG's or a JPEG's (height, width) from its header; nothing is decoded. Anything else is an
+    InputFileError: the content decides, not the suffix."""
+    label = _label(path, name)
+    head = read_bytes(path, label, 24)
+    if head.startswith(PNG_MAGIC):
+        return png_size(head, label)
+    if not head.startswith(JPEG_MAGIC):
+        raise InputFileError(f"{label}: neither a PNG nor a JPEG image")
+    with open(path, "rb") as f:
+        return _jpeg_size(f, label)
+
+
+# SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(f, label: str) -> tuple[int, int]:
+    """Walk an open JPEG's marker segments, from after SOI, to its SOF -> (height, width)."""
+    f.seek(2)
+    for _ in range(MAX_JPEG_SEGMENTS):
+        byte = f.read(1)
+        if not byte:  # truncated
+            break
+        if byte != b"\xff":
+            raise InputFileError(f"{label}: a corrupt JPEG (no marker where one belongs)")
+        marker = f.read(1)
+        while marker == b"\xff":  # fill bytes before a marker
+            marker = f.read(1)
+        if not marker:
+            break
+        code = marker[0]
+        if code == 0x01 or 0xD0 <= code <= 0xD8:  # no length: TEM, RST0..7, SOI
+            continue
+        if code in (0xD9, 0xDA):  # EOI, start of scan: the frame header should have come before
+            break
+        size = f.read(2)
+        if len(size) < 2 or struct.unpack(">H", size)[0] < 2:
+            break
+        length = struct.unpack(">H", size)[0]
+        if code in _JPEG_SOF:
+            data = f.read(5)
+            if len(data) < 5:
+                break
+            height, width = struct.unpack(">HH", data[1:5])
+            return height, width
+        f.seek(length - 2, io.SEEK_CUR)
+    raise InputFileError(f"{label}: a JPEG without a readable frame header (SOF)")
 
 
 def read_bytes(path, label: str, n: int = -1) -> bytes:

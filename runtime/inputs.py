@@ -7,23 +7,30 @@ flow    optical flow from each sampled frame to the next video frame (runtime/mo
 depth   pre-extracted maps (.npy [T', H, W] or [H, W], a 16-bit PNG, or a folder of per-frame maps),
         or an ONNX depth model run on the sampled frames
 norm    surface normals from the depth maps
-audio   a sound file -> fbank clips (runtime/audio.py)
+audio   a sound file -> fbank clips (runtime/audio.py); without one, the video's soundtrack (PyAV), read
+        and resampled as a sound file is; a video without a soundtrack is refused, naming the audio field
 pc      a .npz with `feat` [P, Dv] and `coords` [P, 3]
-Any visual modality may also come as pre-extracted, normalised frames (.npy [T, 3, S, S]).
+Any visual modality may also come as its own frames (`frames`, modality -> source): pre-extracted,
+normalised frames (an array or a .npy [T, 3, S, S]), a folder of PNG/JPEG images (CREMA's datasets store
+depth/flow/normal frames so; sampled as CREMA's `load_frames`, runtime/video.py read_frame_folder) or a
+video of its own (sampled as the rgb video). Images and videos are taken as the ViT's images: a depth
+video is not rendered again as depth maps are.
 A server passes what it received instead of paths: video and depth as bytes (a video file, a .npy
 or 16-bit PNG), audio as bytes, pc as (feat, coords) arrays, frames as arrays.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from .audio import audio_clips, read_audio, samples_needed
-from .files import InputFileError, check_points, read_npy, read_points
+from .audio import NoSoundtrack, audio_clips, read_audio, read_video_audio, samples_needed
+from .files import NPY_MAGIC, InputFileError, check_points, read_bytes, read_npy, read_points
 from .modalities import (DepthEstimator, ModalityError, depth_to_rgb, flow_frames, normals_from_depth,
                          normals_to_rgb, read_depth_maps)
 from .pipeline import Request
 from .specs import VISUAL, modality_names
-from .video import decode_frames, decode_with_successors, normalize_frames
+from .video import decode_frames, decode_with_successors, normalize_frames, read_frame_folder
 
 
 def _label(source, field: str) -> str:
@@ -32,11 +39,13 @@ def _label(source, field: str) -> str:
 
 
 def _depth_maps(source, n: int, frames: np.ndarray | None, depth_model) -> np.ndarray:
-    """Depth [n, H, W] for the sampled frames."""
+    """Depth [n, H, W] for the sampled frames [n, H, W, 3]. depth_model, when given, is used instead of maps:
+    a path to a user's ONNX depth model (runtime.modalities.DepthEstimator's contract) or a loaded estimator
+    called on the frames (Pipeline.depth_estimator: the artifacts' exported depth model)."""
     if depth_model is not None:
         if frames is None:
             raise ModalityError("depth: a depth model needs the video (request field video)")
-        return DepthEstimator(depth_model)(frames)
+        return (depth_model if callable(depth_model) else DepthEstimator(depth_model))(frames)
     if source is None:
         raise ModalityError("depth: give depth maps or a depth model (the configuration needs depth or norm)")
     if isinstance(source, (bytes, bytearray)) and not source:
@@ -85,26 +94,45 @@ def request_from_files(config: dict, question: str, video=None, depth=None, dept
                       else np.stack([normals_to_rgb(normals_from_depth(d)) for d in depth_maps]))
         request.frames[m] = normalize_frames(images, size)
     for m, source in frames.items():
-        request.frames[m] = _frames(source, m)
+        request.frames[m] = _frames(source, m, t, size)
     if "audio" in names:
-        if audio is None:
-            raise ModalityError("audio: the configuration needs an audio file (request field audio)")
         a = config["audio"]
-        samples = read_audio(audio, max_samples=samples_needed(a["num_clips"], a["clip_frames"]))
+        budget = samples_needed(a["num_clips"], a["clip_frames"])
+        if audio is not None:
+            samples = read_audio(audio, max_samples=budget)
+        elif video is not None:
+            try:
+                samples = read_video_audio(video, _label(video, "video"), max_samples=budget)
+            except NoSoundtrack as e:
+                raise ModalityError(f"audio: the configuration needs audio and the video has no soundtrack ({e}); "
+                                    "give a sound file (request field audio)") from None
+        else:
+            raise ModalityError("audio: the configuration needs an audio file (request field audio) or a video "
+                                "with a soundtrack (request field video)")
         request.audio = audio_clips(samples, a["num_clips"], a["clip_frames"], a["num_mel_bins"])
     if "pc" in names:
         if pc is None:
-            raise ModalityError("pc: the configuration needs 3D features (feat [P, D] and coords [P, 3]: a .npz, "
-                                "or the request fields pc_feat and pc_coords)")
+            raise ModalityError("pc: the configuration needs 3D features, which a video cannot give (feat [P, D] "
+                                "and coords [P, 3]: request fields pc_feat and pc_coords)")
         request.pc_feat, request.pc_coords = _points(pc)
     return request
 
 
-def _frames(source, m: str) -> np.ndarray:
-    """Pre-extracted frames of modality m: an array, or a .npy path/bytes (header-checked)."""
+def _frames(source, m: str, t: int, size: int) -> np.ndarray:
+    """Frames of modality m -> [t, 3, size, size] float32 (an array or .npy as given; the pipeline checks
+    its shape): an array, a .npy (path or bytes; header-checked), a folder of images, or a video."""
     if isinstance(source, np.ndarray):
         return np.asarray(source, dtype=np.float32)
-    return read_npy(source, f"frames[{m!r}] {_label(source, 'frames')}").astype(np.float32)
+    label = f"frames[{m!r}] {_label(source, 'frames')}"
+    if isinstance(source, (bytes, bytearray)):
+        head = bytes(source[:len(NPY_MAGIC)])
+    elif Path(source).is_dir():
+        return normalize_frames(read_frame_folder(source, t, label), size)
+    else:
+        head = read_bytes(source, label, len(NPY_MAGIC))
+    if head == NPY_MAGIC:
+        return read_npy(source, label).astype(np.float32)
+    return normalize_frames(decode_frames(source, t, label), size)
 
 
 def _points(pc) -> tuple[np.ndarray, np.ndarray]:

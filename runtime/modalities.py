@@ -16,6 +16,13 @@ runtime accepts such pre-extracted frames and computes what it can online:
                              Camera assumption: orthographic, one depth unit = one pixel (scale with
                              `pixel_size`); normals point towards the camera (+z).
   normals_to_rgb(normals)    -> [H, W, 3] uint8, (n + 1) / 2 * 255
+  disparity_to_depth(d)      relative inverse depth [H, W] -> relative depth 1 / d [H, W] (see below)
+
+Depth models: `DepthEstimator` runs a user's ONNX depth model (its contract below);
+`ExportedDepthEstimator` runs the artifacts' `depth_estimator` stage (a transformers ZoeDepth / Depth
+Anything / DPT model exported by `crema export --depth-model DIR`) with the preprocessing its manifest
+section records. Both give depth [T, H, W] at the frames' size, larger = farther, for depth_to_rgb and
+normals_from_depth.
 """
 from __future__ import annotations
 
@@ -209,6 +216,21 @@ def normals_to_rgb(normals: np.ndarray) -> np.ndarray:
     return np.clip((normals + 1) / 2 * 255, 0, 255).round().astype(np.uint8)
 
 
+def disparity_to_depth(disparity: np.ndarray) -> np.ndarray:
+    """Relative inverse depth (disparity) [H, W], larger = nearer -> relative depth 1 / d [H, W] float32.
+
+    Disparity from a relative model (MiDaS/DPT, Depth Anything) is known only up to scale and shift, so
+    this depth is too: its unit is arbitrary. d is floored at 1e-3 of the map's maximum (zero or negative
+    disparity, the sky or a ReLU's zeros, becomes the farthest valid depth; a map of zeros becomes a flat
+    depth of 1). depth_to_rgb inverts again, so the rendered image is the min-max normalised (floored)
+    disparity itself: near = bright, as the model's own visualisation."""
+    d = np.asarray(disparity, dtype=np.float32)
+    top = float(d.max()) if d.size else 0.0
+    if not top > 0:
+        return np.ones_like(d)
+    return (1.0 / np.maximum(d, top * 1e-3)).astype(np.float32)
+
+
 class DepthEstimator:
     """A pluggable monocular depth model as an ONNX graph.
 
@@ -238,3 +260,61 @@ class DepthEstimator:
         depth = self.session.run(None, {self.input: (x.astype(np.float32) / 255).transpose(0, 3, 1, 2)})[0]
         depth = depth.reshape(t, *depth.shape[-2:])
         return np.stack([cv2.resize(d, (w, h), interpolation=cv2.INTER_LINEAR) for d in depth])
+
+
+INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+
+
+class ExportedDepthEstimator:
+    """The artifacts' `depth_estimator` stage with its preprocessing (manifest section "depth_estimator",
+    runtime/specs.depth_estimator_spec): RGB frames [T, H, W, 3] uint8 -> depth [T, H, W] float32, larger =
+    farther (metric: metres; disparity: converted by disparity_to_depth, unit arbitrary).
+
+    stage: anything called like runtime.pipeline.Stage (`stage(pixel_values=x)["predicted_depth"]`).
+    Preprocessing, as the model's image processor with a fixed size: ZoeDepth's reflect padding of
+    int(sqrt(side / 2) * 3) pixels ("pad": "reflect"), a resize to input_size [h, w] ("resize": OpenCV
+    bilinear/bicubic; the aspect ratio is not kept, the graph's size is fixed), x * rescale, then
+    (x - mean) / std per channel. The output is resized back (bilinear: no overshoot below zero) to the
+    padded frame size, the padding cut off.
+    """
+
+    def __init__(self, stage, depth: dict):
+        self.stage, self.depth = stage, depth
+        self.size = tuple(depth["input_size"])  # (h, w)
+        self.mean = np.asarray(depth["mean"], np.float32)
+        self.std = np.asarray(depth["std"], np.float32)
+
+    def _pads(self, h: int, w: int) -> tuple[int, int]:
+        if self.depth.get("pad") != "reflect":
+            return 0, 0
+        return int(np.sqrt(h / 2) * 3), int(np.sqrt(w / 2) * 3)
+
+    def preprocess(self, frames: np.ndarray) -> np.ndarray:
+        """RGB frames [T, H, W, 3] uint8 -> pixel_values [T, 3, h, w] float32."""
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ModalityError(f"depth estimator: frames {frames.shape}, expected [T, H, W, 3] RGB")
+        ph, pw = self._pads(*frames.shape[1:3])
+        h, w = self.size
+        out = []
+        for f in frames:
+            if ph or pw:  # torch's "reflect" = OpenCV's REFLECT_101 (the edge pixel is not repeated)
+                f = cv2.copyMakeBorder(f, ph, ph, pw, pw, cv2.BORDER_REFLECT_101)
+            out.append(cv2.resize(f, (w, h), interpolation=INTERPOLATION[self.depth["resize"]]))
+        x = np.stack(out).astype(np.float32) * np.float32(self.depth["rescale"])
+        return np.ascontiguousarray(((x - self.mean) / self.std).transpose(0, 3, 1, 2))
+
+    def predict(self, frames: np.ndarray) -> np.ndarray:
+        """RGB frames [T, H, W, 3] uint8 -> the model's output at the frames' size [T, H, W] float32
+        (metric depth or disparity, as the section's "output" says)."""
+        t, h, w, _ = frames.shape
+        raw = self.stage(pixel_values=self.preprocess(frames))["predicted_depth"]
+        ph, pw = self._pads(h, w)
+        return np.stack([cv2.resize(np.ascontiguousarray(d, np.float32), (w + 2 * pw, h + 2 * ph),
+                                    interpolation=cv2.INTER_LINEAR)[ph:ph + h, pw:pw + w] for d in raw])
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """RGB frames [T, H, W, 3] uint8 -> depth [T, H, W] float32, larger = farther."""
+        out = self.predict(frames)
+        if self.depth["output"] == "disparity":
+            return np.stack([disparity_to_depth(d) for d in out])
+        return np.maximum(out, 0.0)  # metric depth: negative values are not depths (depth_to_rgb floors them too)

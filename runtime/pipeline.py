@@ -195,7 +195,10 @@ class Pipeline:
     off, the vision stage ran 8% slower (6.71 s vs 6.21 s) and the peak RSS of a request fell from
     4.6 to 4.2 GiB. On by default (latency); off for memory-bound hosts (`crema run --low-memory`).
     graphs: stage -> a graph file to run instead of the artifacts' (calibration evaluates its staged
-    INT8 graphs this way before installing them)."""
+    INT8 graphs this way before installing them).
+    depth_estimator: the artifacts' exported depth model (`crema export --depth-model`) with its
+    preprocessing, a runtime.modalities.ExportedDepthEstimator (FP32 at every precision), or None; pass it
+    as runtime.inputs.request_from_files' `depth_model` to compute depth from the video's frames."""
 
     def __init__(self, artifacts: str | Path, threads: int | None = None, providers: list | None = None,
                  memory_arena: bool = True, spin: bool = True, precision: str = "fp32",
@@ -212,6 +215,16 @@ class Pipeline:
         self.stages = {name: Stage(spec, Path(graphs[name]) if name in graphs else self.artifacts.path(name, precision),
                                    options, providers)
                        for name, spec in self.artifacts.specs.items()}
+        self.depth_estimator = None
+        if self.artifacts.depth_spec is not None:
+            from .modalities import ExportedDepthEstimator  # OpenCV: only artifacts with a depth model need it here
+            spec = self.artifacts.depth_spec
+            stage = Stage(spec, self.artifacts.dir / spec.file, options, providers)
+            graph = tuple(stage.session.get_inputs()[0].shape[1:])
+            if graph != spec.inputs[0].dims[1:]:
+                raise ArtifactError(f"{self.artifacts.dir / spec.file}: takes pixel_values {graph}, the manifest's "
+                                    f"depth_estimator.input_size says {spec.inputs[0].dims[1:]}")
+            self.depth_estimator = ExportedDepthEstimator(stage, self.artifacts.depth)
         self.tokenizer = QuestionTokenizer(self.artifacts.dir / TOKENIZER, self.config["max_txt_len"])
         self.answer_ids = self.artifacts.manifest["answer_ids"]
         self.modalities = self.artifacts.modalities

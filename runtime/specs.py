@@ -14,6 +14,9 @@ Graphs (N = images or clips, B = requests, d = T5 width, Dv = encoder feature wi
   decoder_step     decoder_input_ids [R, 1], beam_index [R], mask [B, S], past self K/V [R', ...], cross K/V [B, ...]
                    -> logits [R, V], present self K/V [R, ...]
 
+Optional, when exported with `crema export --depth-model DIR` (manifest section "depth_estimator"):
+  depth_estimator  pixel_values [N, 3, H, W]                       -> predicted_depth [N, H', W']
+
 Decoder rows R = B requests x beams, request-major. decoder_step first gathers its past rows by
 `beam_index` (R' = the previous step's rows: B right after decoder_first, R after), so a beam
 search reorders and expands the self-attention cache inside the graph, where the cache lives; the
@@ -145,3 +148,27 @@ def stage_specs(cfg: dict) -> dict[str, StageSpec]:
         + tuple(kv(n, "rows", "past_plus_one") for n in kv_names(cfg, "present")),
         profile={**dec_profile, "rows": rows, "past_rows": rows, "past": (1, 8, max_new)}))
     return {s.name: s for s in specs}
+
+
+# --- the optional depth estimator (`crema export --depth-model DIR`) ------------------------------
+
+DEPTH_ESTIMATOR = "depth_estimator"
+# what predicted_depth means: "metric" = depth in metres (ZoeDepth, Depth Anything metric); "disparity" =
+# relative inverse depth, larger = nearer, scale and shift unknown (DPT/MiDaS, Depth Anything relative)
+DEPTH_OUTPUTS = ("metric", "disparity")
+DEPTH_RESIZE = ("bilinear", "bicubic", "nearest")  # how the runtime resizes frames to the input size
+DEPTH_PADS = (None, "reflect")  # "reflect": ZoeDepth's reflect padding of int(sqrt(side / 2) * 3) pixels
+MAX_DEPTH_SIDE = 2048  # pixels per side of the depth estimator's input
+
+
+def depth_estimator_spec(depth: dict) -> StageSpec:
+    """The depth estimator's stage from the manifest's "depth_estimator" section (runtime/artifacts.py):
+    pixel_values [frames, 3, H, W] float32, frames resized to input_size [H, W], scaled by `rescale` and
+    normalised with the image processor's mean/std -> predicted_depth [frames, H', W'] float32
+    (H', W' = output_size; metric depth in metres or disparity, as `output` says). With "batch_vote"
+    (ZoeDepth with several metric heads: one head is voted for by all frames of a call) a call must hold
+    one video's frames, so there is no batch axis for Triton to concatenate requests on."""
+    (h, w), (oh, ow) = depth["input_size"], depth["output_size"]
+    return StageSpec(DEPTH_ESTIMATOR, (TensorSpec("pixel_values", "float32", ("frames", 3, h, w)),),
+                     (TensorSpec("predicted_depth", "float32", ("frames", oh, ow)),),
+                     profile={"frames": (1, 4, 32)}, batch_axis=None if depth.get("batch_vote") else "frames")

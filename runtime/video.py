@@ -6,6 +6,15 @@ decode_frames(path_or_bytes, n) -> RGB [n, H, W, 3] uint8, sampled uniformly as 
 is checked before decoding (runtime/files.py MAX_SIDE, MAX_PIXELS), frames are decoded one at a
 time, only the sampled ones are kept, each downscaled (INTER_AREA) to FRAME_PIXELS at once. A
 header that claims more frames than decode is sampled again over the frames that did.
+
+read_frame_folder(folder, n) -> RGB [n, H, W, 3] uint8 from a folder of PNG/JPEG frames, as CREMA's
+LAVIS `load_frames` reads its depth/flow/normal (and NExT-QA rgb) folders: the .png/.jpg/.jpeg files
+sorted by name (other files and hidden ones ignored), sampled uniformly over N - 1 images as
+`load_frames` does (it keeps the last one for flow's missing successor; a 1-image folder repeats it),
+each converted to RGB as PIL's `.convert('RGB')` does (grey repeated, alpha dropped, 16-bit colour by
+its high byte; 16-bit grey only when every value is below 256: PIL clips the rest to white), sizes
+checked from the headers before decoding, downscaled to FRAME_PIXELS like video frames. The sampled
+frames must share one size.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from .files import InputFileError, check_dimensions, fit_size
+from .files import InputFileError, check_dimensions, fit_size, image_size
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -50,19 +59,20 @@ def normalize_frames(rgb: np.ndarray, image_size: int) -> np.ndarray:
 
 
 @contextmanager
-def video_file(source: str | Path | bytes) -> Iterator[tuple[Path, str]]:
+def video_file(source: str | Path | bytes, name: str | None = None) -> Iterator[tuple[Path, str]]:
     """(a path OpenCV can open, the name errors use): a path as given, or bytes written to one
-    temporary file and named "video bytes" (OpenCV sniffs the container itself)."""
+    temporary file and named "video bytes" (OpenCV sniffs the container itself); `name` overrides."""
     if not isinstance(source, (bytes, bytearray)):
-        yield Path(source), str(source)
+        yield Path(source), name or str(source)
         return
+    label = name or "video bytes"
     if not source:
-        raise VideoError("video bytes: empty")
+        raise VideoError(f"{label}: empty")
     fd, tmp = tempfile.mkstemp(prefix="crema-", suffix=".video")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(source)
-        yield Path(tmp), "video bytes"
+        yield Path(tmp), label
     finally:
         os.unlink(tmp)
 
@@ -157,19 +167,93 @@ def _sample(path: Path, label: str, pick) -> tuple[list[int], dict[int, np.ndarr
     return wanted, frames
 
 
-def decode_frames(source: str | Path | bytes, n_frames: int) -> np.ndarray:
-    """A video file (path) or its bytes -> n uniformly sampled RGB frames [n, H, W, 3] uint8."""
-    with video_file(source) as (path, label):
+def decode_frames(source: str | Path | bytes, n_frames: int, name: str | None = None) -> np.ndarray:
+    """A video file (path) or its bytes -> n uniformly sampled RGB frames [n, H, W, 3] uint8. A video
+    of fewer than n frames repeats frames (a 1-frame video: that frame n times, as LAVIS gives it)."""
+    with video_file(source, name) as (path, label):
         picked, frames = _sample(path, label, lambda total: uniform_indices(total, n_frames))
     return np.stack([frames[i] for i in picked])
 
 
-def decode_with_successors(source: str | Path | bytes, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """The n sampled frames [n, H, W, 3] and the frame after each (the last frame pairs with itself)."""
-    def pick(total: int) -> list[int]:
-        picked = uniform_indices(total, n_frames)
-        return picked + [min(i + 1, total - 1) for i in picked]
+def decode_with_successors(source: str | Path | bytes, n_frames: int,
+                           name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The n sampled frames [n, H, W, 3] and the frame after each (the last frame pairs with itself).
+    A 1-frame video is refused: there is no motion to measure (its flow would be a blank image)."""
+    with video_file(source, name) as (path, label):
+        def pick(total: int) -> list[int]:
+            if total < 2:
+                raise VideoError(f"{label}: 1 frame; optical flow (flow) needs a video of at least 2 frames")
+            picked = uniform_indices(total, n_frames)
+            return picked + [min(i + 1, total - 1) for i in picked]
 
-    with video_file(source) as (path, label):
         both, frames = _sample(path, label, pick)
     return np.stack([frames[i] for i in both[:n_frames]]), np.stack([frames[i] for i in both[n_frames:]])
+
+
+# --- folders of frames ---------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def frame_files(folder: str | Path, label: str | None = None) -> list[Path]:
+    """A folder's frame images (.png/.jpg/.jpeg, any case; not hidden), sorted by name as CREMA sorts."""
+    label = label or str(folder)
+    files = sorted((p for p in Path(folder).iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()),
+                   key=lambda p: p.name)
+    if not files:
+        raise VideoError(f"{label}: no .png/.jpg/.jpeg images in the folder")
+    return files
+
+
+def folder_indices(count: int, n: int) -> list[int]:
+    """CREMA's `load_frames` sampling over a folder of `count` images: uniform over the first count - 1
+    (the interval ends at len - 1, "for flow"), so the last image is never picked unless it is the only one."""
+    return uniform_indices(max(count - 1, 1), n)
+
+
+def read_frame_folder(folder: str | Path, n_frames: int, name: str | None = None) -> np.ndarray:
+    """n frames sampled from a folder of images -> RGB [n, H, W, 3] uint8 (module docstring)."""
+    label = name or str(folder)
+    files = frame_files(folder, label)
+    picked = folder_indices(len(files), n_frames)
+    sizes = {}
+    for i in sorted(set(picked)):
+        try:
+            sizes[i] = image_size(files[i], f"{label}: {files[i].name}")
+            check_dimensions(*sizes[i], f"{label}: {files[i].name}")
+        except InputFileError as e:
+            raise VideoError(str(e)) from None
+    first = picked[0]
+    for i, size in sizes.items():
+        if size != sizes[first]:
+            raise VideoError(f"{label}: {files[i].name} is {size[1]}x{size[0]}, {files[first].name} is "
+                             f"{sizes[first][1]}x{sizes[first][0]}: the frames of a folder must share one size")
+    frames = {i: _fit(_image_bgr(files[i], f"{label}: {files[i].name}"), label) for i in sizes}
+    return np.stack([frames[i] for i in picked])
+
+
+def _image_bgr(path: Path, label: str) -> np.ndarray:
+    """An image file -> BGR [H, W, 3] uint8, converted as PIL's `.convert('RGB')` converts what it opens."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)  # UNCHANGED: no EXIF rotation, as PIL's open
+    if image is None:
+        raise VideoError(f"{label}: not an image OpenCV can decode")
+    if image.dtype == np.uint16:
+        if image.ndim == 2:  # PIL "I;16" -> RGB clips at 255: refuse what would turn white
+            top = int(image.max())
+            if top > 255:
+                raise VideoError(f"{label}: a 16-bit grey image with values up to {top}; as an image it would be "
+                                 "clipped to white above 255 (CREMA's .convert('RGB')). Depth maps go to the "
+                                 "depth input (request field depth), rendered by the runtime; frames must be 8-bit")
+            image = image.astype(np.uint8)
+        else:  # 16-bit colour: PIL keeps the high byte
+            image = (image >> 8).astype(np.uint8)
+    if image.dtype != np.uint8:
+        raise VideoError(f"{label}: {image.dtype} pixels, expected an 8- or 16-bit image")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:  # BGRA (OpenCV reads grey + alpha as BGRA too): alpha dropped, as PIL does
+        return np.ascontiguousarray(image[..., :3])
+    if image.shape[2] != 3:
+        raise VideoError(f"{label}: {image.shape[2]} channels, expected grey, RGB or RGBA")
+    return image

@@ -1,9 +1,13 @@
 """Synthetic multimodal video QA, deterministic by seed: real files that the raw-input path reads.
 
 Each clip (a folder) holds `clip.mp4` (a shape moving over a grey wall, a still square and a still
-circle), `depth.npy` [frames, H, W] (ground-truth depth: the wall is a tilted plane, the two still
-objects sit at different depths), `audio.wav` (16 kHz soundtrack) and `pc.npz` (3D point features of an object
-and their voxel coordinates). Every question type needs one modality:
+circle, with its soundtrack), `depth.npy` [frames, H, W] (ground-truth depth: the wall is a tilted
+plane, the two still objects sit at different depths), `audio.wav` (the soundtrack, 16 kHz 16-bit:
+training reads it) and `pc.npz` (3D point features of an object and their voxel coordinates). In
+clip.mp4 (write_clip_video) the video stream is OpenCV's mp4v encoding, its packets copied unchanged, so
+the frames are those the shipped demo model was trained on, and the soundtrack is audio.wav's samples
+in FLAC (lossless: from the video alone the model gets the fbank it was trained on, docs/decisions.md).
+Every question type needs one modality:
 
   colour    rgb    What color is the moving shape?            red | green | blue | yellow | purple
   motion    flow   Which way does the shape move?             left | right | up | down | still
@@ -26,6 +30,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import soundfile
@@ -43,6 +48,8 @@ QUESTION_TYPES = {"colour": "rgb", "motion": "flow", "nearer": "depth", "facing"
 LETTERS = "ABCDE"
 CLIP_FILES = {"video": "clip.mp4", "depth": "depth.npy", "audio": "audio.wav", "pc": "pc.npz"}  # request_from_files kwargs
 SAMPLE_RATE = 16000
+FPS = 8
+AUDIO_CODEC = "flac"  # in mp4: lossless (FFmpeg's native encoder, LGPL)
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,38 @@ def render_points(shape3d: str, dim: int, points: int, grid: int, rng: np.random
     return {"feat": feat.astype(np.float32), "coords": coords.astype(np.int64)}
 
 
+def write_clip_video(path: str | Path, video: np.ndarray, audio: np.ndarray | None = None, fps: int = FPS) -> None:
+    """RGB frames [T, H, W, 3] -> an mp4 (OpenCV, mp4v), and the soundtrack (mono 16 kHz int16 samples)
+    muxed in as FLAC: OpenCV writes the video to a temporary file, whose packets are then copied (remuxed,
+    not re-encoded) next to the encoded audio, so the video stream is bit-identical to OpenCV's."""
+    path = Path(path)
+    plain = path.with_name(f".{path.stem}.video{path.suffix}")
+    writer = cv2.VideoWriter(str(plain if audio is not None else path), cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                             (video.shape[2], video.shape[1]))
+    for frame in video:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    if audio is None:
+        return
+    try:
+        with av.open(str(plain)) as src, av.open(str(path), "w") as dst:
+            video_in = src.streams.video[0]
+            video_out = dst.add_stream_from_template(video_in)
+            audio_out = dst.add_stream(AUDIO_CODEC, rate=SAMPLE_RATE, layout="mono")
+            for packet in src.demux(video_in):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.stream = video_out
+                dst.mux(packet)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, np.int16)[None], format="s16",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = SAMPLE_RATE, 0
+            for packet in [*audio_out.encode(frame), *audio_out.encode(None)]:
+                dst.mux(packet)
+    finally:
+        plain.unlink(missing_ok=True)
+
+
 def _options(answer: str, values: tuple, rng: np.random.Generator) -> tuple:
     others = [v for v in values if v != answer]
     options = [answer] + list(rng.choice(others, size=4, replace=False))
@@ -196,13 +235,11 @@ def generate(out: str | Path, clips: int, seed: int = 0, frames: int = 16, size:
             folder.mkdir(exist_ok=True)
             scene = random_scene(rng)
             video, depth = render_video(scene, frames, size, rng)
-            writer = cv2.VideoWriter(str(folder / CLIP_FILES["video"]), cv2.VideoWriter_fourcc(*"mp4v"), 8, (size, size))
-            for frame in video:
-                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-            writer.release()
-            np.save(folder / CLIP_FILES["depth"], depth)
             soundfile.write(folder / CLIP_FILES["audio"], render_audio(scene.sound, audio_seconds, rng), SAMPLE_RATE,
                             subtype="PCM_16")
+            pcm, _ = soundfile.read(folder / CLIP_FILES["audio"], dtype="int16")  # the WAV's samples, exactly
+            write_clip_video(folder / CLIP_FILES["video"], video, pcm)
+            np.save(folder / CLIP_FILES["depth"], depth)
             np.savez(folder / CLIP_FILES["pc"], **render_points(scene.shape3d, pc_dim, pc_points, pc_grid, rng))
             (folder / "scene.json").write_text(json.dumps(asdict(scene)))
             for q in questions_for(scene, clip, rng):

@@ -43,8 +43,13 @@ def test_every_modality_from_raw_files(files):
 @pytest.mark.parametrize("modalities, kwargs, message", [
     (("rgb", "flow"), {}, "flow: needs the video"),
     (("rgb", "depth"), {"video": "clip.mp4"}, "depth: give depth maps or a depth model"),
-    (("rgb", "audio"), {"video": "clip.mp4"}, "audio: the configuration needs an audio file"),
+    (("rgb", "audio"), {"video": "clip.mp4"}, r"audio: the configuration needs audio and the video has no "
+                                              r"soundtrack \(.*clip.mp4: no audio stream\); give a sound file "
+                                              r"\(request field audio\)"),
+    (("audio",), {}, r"audio: the configuration needs an audio file \(request field audio\) or a video"),
     (("pc",), {}, "pc: the configuration needs 3D features"),
+    (("rgb", "flow", "pc"), {"video": "clip.mp4"}, r"pc: .*which a video cannot give.*request fields pc_feat and "
+                                                   r"pc_coords"),
     (("rgb",), {"video": "clip.mp4", "frames": {"depth": "x.npy"}}, "'depth' is not configured"),
 ])
 def test_missing_inputs_are_named(files, modalities, kwargs, message):
@@ -123,3 +128,29 @@ def test_bad_point_files_are_named(tmp_path, write, message):
     write(path)
     with pytest.raises(ModalityError, match=r"^pc: .*" + message):
         request_from_files(_config(("pc",)), "Q?", pc=path)
+
+
+def test_a_video_alone_gives_rgb_flow_and_its_soundtrack(tmp_path):
+    """A model of rgb, flow and audio answers from the video file alone: the audio is the soundtrack,
+    exactly the WAV's fbank when the soundtrack is that PCM (from a path, and from bytes as a server
+    receives them); AAC in an mp4 is the WAV's within the codec's tolerance (tests/test_audio.py)."""
+    from test_audio import write_av
+
+    t = np.arange(24000) / 16000
+    soundfile.write(tmp_path / "a.wav", (0.3 * np.sin(2 * np.pi * 660 * t)).astype(np.float32), 16000)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    video = write_av(tmp_path / "v.avi", "pcm_s16le", tmp_path / "a.wav", frames=frames)
+    cfg = _config(("rgb", "flow", "audio"))
+    alone = request_from_files(cfg, "Q?", video=video)
+    given = request_from_files(cfg, "Q?", video=video, audio=tmp_path / "a.wav")
+    assert set(alone.frames) == {"rgb", "flow"} and alone.audio.shape == (2, 64, 128)
+    np.testing.assert_array_equal(alone.audio, given.audio)
+    for m in given.frames:
+        np.testing.assert_array_equal(alone.frames[m], given.frames[m])
+    np.testing.assert_array_equal(request_from_files(cfg, "Q?", video=video.read_bytes()).audio, given.audio)
+    aac = write_av(tmp_path / "v.mp4", "aac", tmp_path / "a.wav", frames=frames)
+    assert np.abs(request_from_files(_config(("audio",)), "Q?", video=aac).audio - given.audio).mean() < 0.05
+    silent = write_av(tmp_path / "silent.mp4", frames=frames)
+    with pytest.raises(ModalityError, match=r"^audio: .* has no soundtrack \(video bytes: no audio stream\)"):
+        request_from_files(cfg, "Q?", video=silent.read_bytes())

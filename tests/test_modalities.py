@@ -4,8 +4,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from runtime.modalities import (DepthEstimator, ModalityError, WHEEL, depth_to_rgb, flow_frames, flow_to_rgb,
-                                normals_from_depth, normals_to_rgb, optical_flow, read_depth)
+from runtime.modalities import (DepthEstimator, ModalityError, WHEEL, depth_to_rgb, disparity_to_depth, flow_frames,
+                                flow_to_rgb, normals_from_depth, normals_to_rgb, optical_flow, read_depth)
 
 
 def _texture(h=96, w=128, seed=0):
@@ -92,3 +92,12 @@ def test_onnx_depth_estimator(tmp_path):
     (tmp_path / "broken.onnx").write_bytes(b"nope")
     with pytest.raises(ModalityError, match="cannot load the depth model"):
         DepthEstimator(tmp_path / "broken.onnx")
+
+
+def test_disparity_to_depth():
+    """1 / d with d floored at 1e-3 of the map's maximum; rendering it gives back the normalised disparity."""
+    d = np.array([[4.0, 2.0], [0.0, -1.0]], np.float32)
+    np.testing.assert_allclose(disparity_to_depth(d), [[0.25, 0.5], [250.0, 250.0]])
+    grey = depth_to_rgb(disparity_to_depth(np.linspace(0.5, 4, 8, dtype=np.float32).reshape(2, 4)))[..., 0]
+    np.testing.assert_array_equal(grey.ravel(), ((np.linspace(0.5, 4, 8) - 0.5) / 3.5 * 255).round())
+    np.testing.assert_array_equal(disparity_to_depth(np.zeros((3, 3), np.float32)), np.ones((3, 3)))

@@ -2,15 +2,17 @@
 
 import json
 
+import av
+import cv2
 import numpy as np
 import pytest
 
 from reference.config import preset
-from runtime.audio import read_audio
+from runtime.audio import read_audio, read_video_audio
 from runtime.inputs import request_from_files
 from runtime.modalities import normals_from_depth
 from runtime.video import decode_frames
-from synthetic.generator import QUESTION_TYPES, generate, read_questions
+from synthetic.generator import QUESTION_TYPES, generate, random_scene, read_questions, render_video
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +65,40 @@ def test_raw_input_path_reads_a_clip(data):
     r = request_from_files(cfg, "Q?", video=data / "clip00001" / "clip.mp4", depth=data / "clip00001" / "depth.npy",
                            audio=data / "clip00001" / "audio.wav")
     assert set(r.frames) == {"rgb", "depth", "flow", "norm"} and r.audio.shape == (2, 64, 128)
+
+
+def _all_frames(path) -> np.ndarray:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return np.stack(frames)
+
+
+def _video_packets(path) -> list[bytes]:
+    with av.open(str(path)) as c:
+        return [bytes(p) for p in c.demux(c.streams.video[0]) if p.size]
+
+
+def test_the_clip_carries_its_soundtrack_and_the_frames_opencv_wrote(data, tmp_path):
+    """clip.mp4 holds audio.wav's samples (FLAC: lossless, so exactly) beside a video stream whose
+    packets and decoded frames are those of the OpenCV-only mp4 the demo model was trained on."""
+    for clip in ("clip00000", "clip00001", "clip00002", "clip00003"):
+        video, wav = data / clip / "clip.mp4", data / clip / "audio.wav"
+        with av.open(str(video)) as c:
+            audio = c.streams.audio[0]
+            assert (audio.codec_context.name, audio.rate, len(audio.layout.channels)) == ("flac", 16000, 1)
+        np.testing.assert_array_equal(read_video_audio(video), read_audio(wav))
+    rng = np.random.default_rng(3)  # the fixture's seed: clip00000's scene and frames, rendered again
+    frames, _ = render_video(random_scene(rng), 8, 64, rng)
+    writer = cv2.VideoWriter(str(tmp_path / "old.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 8, (64, 64))
+    for frame in frames:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    np.testing.assert_array_equal(_all_frames(data / "clip00000" / "clip.mp4"), _all_frames(tmp_path / "old.mp4"))
+    assert _video_packets(data / "clip00000" / "clip.mp4") == _video_packets(tmp_path / "old.mp4")
+    assert not list(data.glob("*/.*")), "the temporary OpenCV-only video is removed"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import tempfile
 import re
 import signal
 import subprocess
@@ -23,7 +24,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from pathlib import Path
+
 from conftest import MAX_INPUT_MB
+from crema.demo import write_clip
 from runtime.inputs import request_from_files
 from synthetic.generator import clip_files
 from triton_models.client import AskError, CremaClient, request_tensors, tensors_from_files
@@ -194,7 +198,8 @@ def bad_requests(setup) -> list[tuple[str, dict, str]]:
         ("empty question", {**good, "question": text(b"   ")}, "question: empty"),
         ("oversized question", {**good, "question": text(b"why " * 2000)}, "question: 8000 bytes"),
         ("too long for the model", {**good, "question": text(b"why " * 200)}, "the exported maximum is"),
-        ("missing audio", without("audio"), "audio: the configuration needs an audio file"),
+        ("missing audio, a video without soundtrack", {**without("audio"), "video": text(silent_video())},
+         "audio: the configuration needs audio and the video has no soundtrack"),
         ("missing video", without("video"), "flow: needs the video"),
         ("undecodable video", {**good, "video": text(b"not a video at all")}, "video bytes: not a video"),
         ("bad depth", {**good, "depth": text(b"\x89PNG not really")}, "depth"),
@@ -212,6 +217,19 @@ def bad_requests(setup) -> list[tuple[str, dict, str]]:
         ("depth maps with no frame", {**good, "depth": text(npy_bytes(np.zeros((0, 56, 56), np.float32)))},
          "depth bytes: 0 depth maps"),
     ]
+
+
+def silent_video() -> bytes:
+    """A video without a soundtrack, the size of the demo clips' depth maps."""
+    with tempfile.TemporaryDirectory() as d:
+        return write_clip(Path(d) / "silent.mp4", frames=8, size=64).read_bytes()
+
+
+def test_a_video_with_a_soundtrack_is_enough_for_audio(setup, http):
+    q = next(x for x in setup["questions"] if x.qtype == "sound")
+    tensors = tensors_from_files(q.question, **files(setup, q.clip))
+    del tensors["audio"]  # clip.mp4 carries the soundtrack
+    assert http.infer(tensors).answer == q.answer
 
 
 def npy_bytes(x: np.ndarray) -> bytes:

@@ -4,8 +4,11 @@
     result = client.ask("What color is the shape?", video=Path("clip.mp4").read_bytes(), ...)
 
 Inputs: the question; video and depth as file bytes (any container OpenCV reads; .npy or 16-bit PNG
-depth); pre-extracted frames per visual modality as [T, 3, S, S] float32; audio file bytes; point
-features [P, D] float32 and voxel coordinates [P, 3] int64; task options. Only what is given is sent.
+depth); pre-extracted frames per visual modality as [T, 3, S, S] float32; audio file bytes (none: the
+server takes the video's soundtrack); point features [P, D] float32 and voxel coordinates [P, 3] int64;
+task options. Only what is given is sent. From files (tensors_from_files), a visual modality's frames may
+also be a folder of images or a video: they are sampled and normalised here (runtime.video, OpenCV) to
+the served model's [T, 3, S, S], which CremaClient.frame_shapes reads from the server.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.files import InputFileError, read_bytes, read_npy, read_points
+from pathlib import Path
+
+from runtime.files import NPY_MAGIC, InputFileError, read_bytes, read_npy, read_points
 
 from .layout import ENSEMBLE
 
@@ -67,13 +72,43 @@ def request_tensors(question: str | bytes, video: bytes | None = None, depth: by
 
 
 def tensors_from_files(question: str, video=None, depth=None, audio=None, pc=None, frames: dict | None = None,
-                       **options) -> dict[str, np.ndarray]:
-    """Like request_tensors, from paths: pc is a .npz with feat and coords, frames modality -> .npy.
-    A missing, unreadable or malformed file is an InputFileError naming the field and the file."""
+                       frame_shapes: dict[str, tuple[int, int]] | None = None, **options) -> dict[str, np.ndarray]:
+    """Like request_tensors, from paths: pc is a .npz with feat and coords, frames modality -> a .npy, a
+    folder of images or a video (these need frame_shapes[modality] = (frames, image size): the served
+    model's, CremaClient.frame_shapes()). A missing, unreadable or malformed file is an InputFileError
+    naming the field and the file."""
     feat, coords = read_points(pc) if pc is not None else (None, None)
-    arrays = {m: read_npy(p, f"frames[{m!r}] {p}") for m, p in (frames or {}).items()}
+    arrays = {m: _frames_file(p, m, frame_shapes) for m, p in (frames or {}).items()}
     return request_tensors(question, _file_bytes(video, "video"), _file_bytes(depth, "depth"),
                            _file_bytes(audio, "audio"), feat, coords, arrays, **options)
+
+
+def needs_frame_shapes(frames: dict | None) -> bool:
+    """Whether some frames source is a folder or a video (not a .npy): tensors_from_files then needs the
+    served model's frame shapes."""
+    return any(not _is_npy(p, f"frames[{m!r}] {p}") for m, p in (frames or {}).items())
+
+
+def _is_npy(path, label: str) -> bool:
+    return not Path(path).is_dir() and read_bytes(path, label, len(NPY_MAGIC)) == NPY_MAGIC
+
+
+def _frames_file(path, m: str, frame_shapes: dict | None) -> np.ndarray:
+    """A .npy as it is; a folder of images or a video sampled and normalised as the server's runtime would."""
+    label = f"frames[{m!r}] {path}"
+    if _is_npy(path, label):
+        return read_npy(path, label)
+    if frame_shapes is None:
+        raise InputFileError(f"{label}: a folder or video needs the served model's frame count and size "
+                             "(frame_shapes: CremaClient.frame_shapes())")
+    if m not in frame_shapes:
+        raise InputFileError(f"{label}: the served model takes no {m}_frames (its visual modalities: "
+                             f"{', '.join(frame_shapes) or 'none'})")
+    from runtime.video import decode_frames, normalize_frames, read_frame_folder  # OpenCV: only here
+
+    t, size = frame_shapes[m]
+    images = read_frame_folder(path, t, label) if Path(path).is_dir() else decode_frames(path, t, label)
+    return normalize_frames(images, size)
 
 
 def _file_bytes(path, field: str) -> bytes | None:
@@ -120,6 +155,18 @@ class CremaClient:
         seconds = time.perf_counter() - start
         return AskResult(result.as_numpy("answer").reshape(-1)[0].decode(),
                          [float(x) for x in result.as_numpy("option_scores")], seconds)
+
+    def frame_shapes(self) -> dict[str, tuple[int, int]]:
+        """Modality -> (frames, image size) of the served model's `{m}_frames` inputs, from its metadata."""
+        try:
+            meta = self.client.get_model_metadata(self.model)
+        except Exception as e:  # noqa: BLE001 - either protocol's InferenceServerException, or no server
+            message = (e.message() if hasattr(e, "message") else "") or str(e)
+            raise AskError(f"no model metadata from {self.url} ({self.protocol}): {message}") from e
+        inputs = meta["inputs"] if isinstance(meta, dict) else [
+            {"name": i.name, "shape": list(i.shape)} for i in meta.inputs]
+        return {i["name"][:-len("_frames")]: (int(i["shape"][0]), int(i["shape"][-1]))
+                for i in inputs if i["name"].endswith("_frames")}
 
     def ask(self, question: str, **inputs) -> AskResult:
         return self.infer(request_tensors(question, **inputs))
