@@ -28,7 +28,8 @@ from runtime.artifacts import TOKENIZER
 from runtime.inputs import request_from_files
 from runtime.pipeline import (RequestError, Stage, check_inputs, decode_answers, execution_providers, fuse_encode,
                               generation_settings, session_options)
-from runtime.specs import VISUAL, StageSpec, modality_names, stage_specs
+from runtime.modalities import ExportedDepthEstimator
+from runtime.specs import VISUAL, StageSpec, depth_estimator_spec, modality_names, stage_specs
 from runtime.text import QuestionTokenizer, clean_question
 
 from .cache import ResponseCache
@@ -122,7 +123,8 @@ class CachedModel:
 class StageModel(CachedModel):
     def initialize(self, args: dict) -> None:
         version, info = _model_info(args)
-        self.spec: StageSpec = stage_specs(info["config"])[info["stage"]]
+        self.spec: StageSpec = (depth_estimator_spec(info["depth"]) if info.get("depth")
+                                else stage_specs(info["config"])[info["stage"]])
         # no spinning: a dozen model processes share the cores
         self.stage = Stage(self.spec, version / "model.onnx", session_options(spin=False), _providers(args))
         self.batched = json.loads(args["model_config"])["max_batch_size"] > 0
@@ -149,6 +151,9 @@ class PreprocessModel(CachedModel):
         self.config = info["config"]
         self.names = modality_names(self.config)
         self.max_bytes = _parameter(args, "max_input_bytes", 64 << 20)
+        # the repository's depth_estimator model, called through BLS when a request has no depth maps
+        self.depth_estimator = None if not info.get("depth") else ExportedDepthEstimator(
+            BlsStage(depth_estimator_spec(info["depth"])), info["depth"])
         self.init_cache(args)
 
     def execute(self, requests: list) -> list:
@@ -167,7 +172,9 @@ class PreprocessModel(CachedModel):
         pc = None
         if raw["pc_feat"] is not None and raw["pc_coords"] is not None:
             pc = (raw["pc_feat"], raw["pc_coords"])
-        request = request_from_files(self.config, "", video=_blob(raw["video"]), depth=_blob(raw["depth"]),
+        depth = _blob(raw["depth"])
+        request = request_from_files(self.config, "", video=_blob(raw["video"]), depth=depth,
+                                     depth_model=self.depth_estimator if depth is None else None,
                                      audio=_blob(raw["audio"]), pc=pc, frames=frames)
         check_inputs(self.config, request)
         out = {f"{m}_pixels": request.frames[m] for m in self.names if m in VISUAL}

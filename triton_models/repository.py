@@ -7,6 +7,8 @@
       vision/1/model.onnx            one model per exported stage, its config read from the spec:
       mmqa_{m}/1/model.onnx            python flavour: + model.py (ONNX Runtime in the python backend)
       audio_encoder/                   native flavour: platform onnxruntime_onnx (or tensorrt_plan)
+      depth_estimator/               when exported with --depth-model: preprocess calls it (BLS) for requests
+                                     without depth maps (an ensemble is a fixed graph; this step is conditional)
       fuse_encode/ decoder_first/    (native flavour only)
       decoder_step/
       llm/1/model.py                 python: tokenizer, fuse_encode and the decode loop over the decoder
@@ -249,11 +251,19 @@ def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: i
             _place_graph(art.path(name, precision), version / "model.onnx")
         if flavour == "python":
             _python_model(tmp / name, "StageModel", {"stage": name, "config": config})
+    if art.depth_spec is not None:  # preprocess calls it (BLS) when a request brings no depth maps
+        spec = art.depth_spec
+        version = tmp / spec.name / "1"
+        version.mkdir(parents=True)
+        configs[spec.name] = stage_config(spec, flavour, cache_bytes, instances, device)
+        _place_graph(art.dir / spec.file, version / "model.onnx")
+        if flavour == "python":
+            _python_model(tmp / spec.name, "StageModel", {"stage": spec.name, "config": config, "depth": art.depth})
     pre_in, pre_out = preprocess_io(config, names)
     configs[PREPROCESS] = python_config(PREPROCESS, pre_in, pre_out, instances,
                                         parameters={"max_input_bytes": str(max_input_mb << 20),
                                                     "cache_bytes": str(cache_bytes)})
-    _python_model(tmp / PREPROCESS, "PreprocessModel", {"config": config})
+    _python_model(tmp / PREPROCESS, "PreprocessModel", {"config": config, "depth": art.depth})
     configs[LLM] = python_config(LLM, llm_inputs(config, names), ANSWER_OUTPUTS, instances)
     if local:  # the llm model runs the LLM graphs itself: on the device the stages use
         del configs[LLM].instance_group[:]
