@@ -1,5 +1,5 @@
-"""`crema <subcommand>`: info, run, export, parity, checkpoint, demo, train-demo, calibrate, convert-fp16,
-build-trt, triton-repo, serve, ask. Heavy packages load inside each command (`crema ask` loads neither torch nor ORT).
+"""`crema <subcommand>`: info, run, export, parity, checkpoint, demo, train-demo, train-depth, calibrate,
+convert-fp16, build-trt, triton-repo, serve, ask, gateway, deploy. Heavy packages load inside each command (`crema ask` loads neither torch nor ORT).
 
 Each subcommand has its parser function (`add_{name}`) beside its `cmd_{name}`. A user error is one
 line, `error: <message>`, on stderr with exit code 2; no option is silently ignored."""
@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 # Pure-Python constants (no torch, no ONNX Runtime): the choices stay those the packages accept.
+from crema.deploy import add_deploy
+from gateway.cli import add_gateway
 from reference.config import DOWNSTREAM_TASKS, TASKS
 from runtime.artifacts import PRECISIONS
 
@@ -432,6 +434,30 @@ def _compare_with_shipped(metrics: dict, out: Path) -> None:
           f"{'' if same else ', different settings'})")
 
 
+def add_train_depth(sub) -> None:
+    p = sub.add_parser("train-depth", help="train the demo's depth estimator on shaded synthetic clips (CPU, "
+                                           "deterministic, ~13 min on 2 cores); report depth error and the demo "
+                                           "model's accuracy from the video alone")
+    p.add_argument("--out", type=Path, default=Path("out/train-depth"),
+                   help="Hugging Face depth model directory to write (`crema export --depth-model OUT`)")
+    p.add_argument("--work", type=Path, help="where to generate the data (default: OUT/data)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--train-clips", type=int)
+    p.add_argument("--demo-clips", type=int, help="new demo clips it is evaluated on (default 50)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_train_depth)
+
+
+def cmd_train_depth(args) -> None:
+    from training.depth import DepthSettings, report_markdown, train_depth
+    settings = DepthSettings(**{k: v for k, v in vars(args).items() if k in DepthSettings.__dataclass_fields__
+                                and v is not None})
+    metrics = train_depth(args.out, settings, work=args.work)
+    print(report_markdown(metrics))
+    print(f"wrote {args.out}; `crema export --preset demo --depth-model {args.out}` exports it with the demo model")
+
+
 def add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="INT8 graphs for every stage (ORT static QDQ / dynamic), TensorRT "
                                          "calibration tables, and the fidelity report vs FP32")
@@ -628,7 +654,8 @@ def cmd_ask(args) -> None:
 # --- the command ---------------------------------------------------------------------------------
 
 SUBCOMMANDS = (add_info, add_run, add_export, add_parity, add_checkpoint, add_demo, add_calibrate, add_convert_fp16,
-               add_build_trt, add_train_demo, add_triton_repo, add_serve, add_ask)
+               add_build_trt, add_train_demo, add_train_depth, add_triton_repo, add_serve, add_ask, add_gateway,
+               add_deploy)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,16 +47,16 @@ def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED, triton: bool = Tr
     else in process with ONNX Runtime. precision int8/mixed calibrates the export first and falls
     back to FP32 when the INT8 graphs miss DESIGN §5's fidelity bounds."""
     from export.onnx_export import export_artifacts
-    from reference.weights import DEMO_SOURCE, demo_model
-    from synthetic.generator import clip_files, read_questions
+    from reference.weights import DEMO_DEPTH, DEMO_SOURCE, demo_model
+    from synthetic.generator import read_questions
     from training.demo import demo_data
 
     model = demo_model()
     data = demo_data(out / "clips", clips, seed, model.cfg.to_dict())
     artifacts = out / "artifacts"
     shutil.rmtree(artifacts, ignore_errors=True)  # always from the current code and weights
-    export_artifacts(model, artifacts, DEMO_SOURCE, progress=False)
-    print(f"exported the demo model to {artifacts} (ONNX)")
+    export_artifacts(model, artifacts, DEMO_SOURCE, progress=False, depth_model=DEMO_DEPTH)
+    print(f"exported the demo model and its depth estimator ({DEMO_DEPTH.name}) to {artifacts} (ONNX)")
     if precision != "fp32":
         from calibration.calibrate import calibrate
         with contextlib.redirect_stderr(io.StringIO()):  # its progress bars: seconds here, noise in the demo
@@ -74,7 +74,8 @@ def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED, triton: bool = Tr
         pipeline = Pipeline(artifacts, precision=precision)
 
         def in_process(folder: Path, question: str) -> str:
-            request = request_from_files(pipeline.config, question, **clip_files(folder))
+            request = request_from_files(pipeline.config, question, **video_alone(folder),
+                                         depth_model=pipeline.depth_estimator)
             return pipeline.answer([request])[0].text
         return _ask_all(data, questions, in_process, f"ONNX Runtime in process, {precision}")
     from triton_models.client import CremaClient, tensors_from_files
@@ -88,10 +89,17 @@ def run_demo(out: Path, clips: int = 1, seed: int = DEMO_SEED, triton: bool = Tr
               f"gRPC {server.endpoints.grpc_url}")
         with CremaClient(server.endpoints.http_url) as client:
             def via_triton(folder: Path, question: str) -> str:
-                return client.infer(tensors_from_files(question, **clip_files(folder))).answer
+                return client.infer(tensors_from_files(question, **video_alone(folder))).answer
             wrong = _ask_all(data, questions, via_triton, f"Triton HTTP, {precision}")
     print("server stopped")
     return wrong
+
+
+def video_alone(folder: Path) -> dict:
+    """What the demo asks from: the clip's video (frames and soundtrack) and its 3D features. Depth and normals
+    come from the exported depth estimator, audio from the soundtrack, flow from the frames."""
+    from synthetic.generator import CLIP_FILES
+    return {"video": folder / CLIP_FILES["video"], "pc": folder / CLIP_FILES["pc"]}
 
 
 def _ask_all(data: Path, questions: list, ask, how: str) -> int:
@@ -99,7 +107,7 @@ def _ask_all(data: Path, questions: list, ask, how: str) -> int:
     for clip in sorted({q.clip for q in questions}):
         folder = data / clip
         scene = json.loads((folder / "scene.json").read_text())
-        print(f"\n{folder}: {describe(scene)}")
+        print(f"\n{folder}: {describe(scene)}; asked from clip.mp4 (video + soundtrack) and pc.npz")
         print(f"  {'question':<52} {'answer':<9} {'truth':<9}")
         for q in (q for q in questions if q.clip == clip):
             start = time.perf_counter()

@@ -379,6 +379,7 @@ def preset_model(cfg: CremaConfig, seed: int = 0) -> Crema:
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo"
 DEMO_SOURCE = {"preset": "demo", "checkpoint": "reference/demo (trained by crema train-demo)"}  # manifest "source"
+DEMO_DEPTH = Path(__file__).resolve().parent / "demo_depth"  # its depth estimator, written by `crema train-depth`
 
 
 def demo_model(**config_overrides) -> Crema:

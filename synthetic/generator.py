@@ -16,10 +16,13 @@ Every question type needs one modality:
   sound     audio  What sound do you hear?                    beep | tone | music | noise | quiet
   shape3d   pc     What shape is the 3D object?               sphere | cube | star | triangle | box
 
-The square and the circle have the same size, random colours and random sides, so only depth tells
-which is nearer (asked by shape, not side: the nearer object is the brightest blob of the depth
-image, which a model reads without having to tell left from right); the wall is drawn flat grey, so
-only its normals tell where it faces. Depth is in pixel units (the
+The square and the circle have the same size, random colours and random sides (asked by shape, not
+side: the nearer object is the brightest blob of the depth image, which a model reads without having
+to tell left from right). Lighting (render_video): "flat" (the demo model's training clips) draws a
+flat grey wall and unshaded objects, so only depth tells which is nearer and only normals where the
+wall faces; "depth" (the default: the clips the demo asks about) lets light fall off with depth and
+far objects fade, the monocular cues the demo's depth estimator reads (`crema train-depth`, trained
+on "varied" lighting). Depth is in pixel units (the
 orthographic camera of runtime/modalities.normals_from_depth): the wall is tilted 0.8 depth units
 per pixel, about 39 degrees, away from where it faces. Questions come as oeqa (answer
 word) and mcqa (five options A-E, answer letter).
@@ -49,6 +52,12 @@ LETTERS = "ABCDE"
 CLIP_FILES = {"video": "clip.mp4", "depth": "depth.npy", "audio": "audio.wav", "pc": "pc.npz"}  # request_from_files kwargs
 SAMPLE_RATE = 16000
 FPS = 8
+LIGHTING = ("depth", "varied", "flat")  # render_video
+MOVER_DEPTH = 0.3  # the moving shape's depth, in units of the frame size
+SHADE_OBJECT, SHADE_WALL = 0.4, 0.15  # fall of brightness per frame size of depth (shade)
+WALL_GREY = round(128 / (1 - SHADE_WALL * (1 - MOVER_DEPTH)))  # the wall's mean depth is one frame size
+HAZE = 1.5  # colour lost per frame size of depth beyond the moving shape (shade)
+VARIED_SLOPES = ((0.2, 0.6), (0.1, 0.6))  # "varied" lighting: (objects', the wall's) falloff ranges
 AUDIO_CODEC = "flac"  # in mp4: lossless (FFmpeg's native encoder, LGPL)
 
 
@@ -102,12 +111,43 @@ def _wall_depth(facing: str, size: int) -> np.ndarray:
     return size + 0.8 * slope
 
 
-def render_video(scene: Scene, frames: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """-> RGB frames [frames, size, size, 3] uint8 and depth [frames, size, size] float32."""
-    wall = _wall_depth(scene.facing, size)
+def shade(img: np.ndarray, depth: np.ndarray, wall: np.ndarray, slopes=(SHADE_OBJECT, SHADE_WALL)) -> np.ndarray:
+    """Light that falls off with depth (the monocular cue a depth estimator reads): RGB [H, W, 3] uint8 scaled
+    by 1 - slope * (depth / size - MOVER_DEPTH), slopes = (objects', the wall's where `wall` [H, W] bool), and
+    objects farther than the moving shape lose colour (haze: blended toward their grey by HAZE per frame
+    size; brightness alone against five known colours was too subtle: the estimator never learned it).
+    The moving shape keeps its colour. The wall's fall is gentle: the demo model, trained on flat-lit clips,
+    misreads colours on a steep one (SHADE_WALL 0.4: colour 90% held out, 0.15: 100%)."""
+    beyond = depth / depth.shape[0] - MOVER_DEPTH  # frame sizes behind the moving shape
+    slope = np.where(wall, slopes[1], slopes[0])
+    out = img.astype(np.float32) * np.clip(1 - slope * beyond, 0.0, None)[..., None]
+    haze = np.where(wall, 0.0, np.clip(HAZE * beyond, 0.0, 1.0))[..., None]  # objects behind it fade to grey
+    out = (1 - haze) * out + haze * out.mean(axis=-1, keepdims=True)
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def _still_depths(nearer: int, size: int) -> tuple[float, float]:
+    return (0.1 * size, 0.6 * size) if nearer == 0 else (0.6 * size, 0.1 * size)
+
+
+def render_video(scene: Scene, frames: int, size: int, rng: np.random.Generator,
+                 lighting: str = "depth") -> tuple[np.ndarray, np.ndarray]:
+    """-> RGB frames [frames, size, size, 3] uint8 and depth [frames, size, size] float32.
+
+    lighting (LIGHTING): "depth": light falls off with depth (shade), so the still objects' depths and the
+    wall's tilt can be estimated from the frames; "varied": so, with falloffs drawn per clip from
+    VARIED_SLOPES (the depth estimator's training clips: it learns the direction of the cue, not one
+    strength, and learns the gentle wall of "depth" lighting, which alone it did not); "flat": unshaded,
+    a flat grey wall, depth invisible in RGB (the demo model's training clips: there each question has
+    exactly one modality that answers it)."""
+    if lighting not in LIGHTING:
+        raise ValueError(f"lighting {lighting!r}: expected one of {LIGHTING}")
+    slopes = (SHADE_OBJECT, SHADE_WALL)
+    if lighting == "varied":
+        slopes = tuple(float(rng.uniform(lo, hi)) for lo, hi in VARIED_SLOPES)
+    wall_depth, still_depths = _wall_depth(scene.facing, size), _still_depths(scene.nearer, size)
     sq, half = size // 8, size // 8
     centres = [(size // 4, size - half - 2), (3 * size // 4, size - half - 2)]
-    square_depth = (0.1 * size, 0.6 * size) if scene.nearer == 0 else (0.6 * size, 0.1 * size)
     # the moving shape stays above the squares: x in [0.3, 0.7], y in [0.2, 0.35] of the frame, +-0.25 moving
     start = rng.uniform((0.3, 0.2), (0.7, 0.35)) * size
     step = size * 0.5 / max(frames - 1, 1)
@@ -116,16 +156,18 @@ def render_video(scene: Scene, frames: int, size: int, rng: np.random.Generator)
     video = np.empty((frames, size, size, 3), np.uint8)
     depth = np.empty((frames, size, size), np.float32)
     for t in range(frames):
-        img = np.full((size, size, 3), 128, np.uint8)
-        d = wall.copy()
-        for (cx, cy), colour, z, kind in zip(centres, scene.squares, square_depth, scene.still):
+        img = np.full((size, size, 3), 128 if lighting == "flat" else WALL_GREY, np.uint8)
+        d = wall_depth.copy()
+        wall = np.ones((size, size), bool)
+        for i, ((cx, cy), colour, kind) in enumerate(zip(centres, scene.squares, scene.still)):
             still = np.zeros((size, size), np.uint8)
             if kind == "square":
                 still[cy - half:cy + half, cx - half:cx + half] = 1
             else:
                 cv2.circle(still, (cx, cy), half, 1, -1)
             img[still > 0] = COLOURS[colour]
-            d[still > 0] = z
+            wall &= still == 0
+            d[still > 0] = still_depths[i]
         x, y = (start + np.array(delta) * t).astype(int)
         colour = COLOURS[scene.colour]
         mask = np.zeros((size, size), np.uint8)
@@ -137,8 +179,9 @@ def render_video(scene: Scene, frames: int, size: int, rng: np.random.Generator)
             pts = np.array([[x, y - sq], [x - sq, y + sq], [x + sq, y + sq]], np.int32)
             cv2.fillPoly(mask, [pts], 1)
         img[mask > 0] = colour
-        d[mask > 0] = 0.3 * size
-        video[t], depth[t] = img, d
+        wall &= mask == 0
+        d[mask > 0] = MOVER_DEPTH * size
+        video[t], depth[t] = img if lighting == "flat" else shade(img, d, wall, slopes), d
     return video, depth
 
 
@@ -223,7 +266,8 @@ def questions_for(scene: Scene, clip: str, rng: np.random.Generator) -> list[Que
 
 
 def generate(out: str | Path, clips: int, seed: int = 0, frames: int = 16, size: int = 96,
-             audio_seconds: float = 2.0, pc_dim: int = 1408, pc_points: int = 64, pc_grid: int = 256) -> Path:
+             audio_seconds: float = 2.0, pc_dim: int = 1408, pc_points: int = 64, pc_grid: int = 256,
+             lighting: str = "depth") -> Path:
     """Write `clips` clips and `questions.jsonl` under `out`; the same seed gives the same data."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +278,7 @@ def generate(out: str | Path, clips: int, seed: int = 0, frames: int = 16, size:
             folder = out / clip
             folder.mkdir(exist_ok=True)
             scene = random_scene(rng)
-            video, depth = render_video(scene, frames, size, rng)
+            video, depth = render_video(scene, frames, size, rng, lighting)
             soundfile.write(folder / CLIP_FILES["audio"], render_audio(scene.sound, audio_seconds, rng), SAMPLE_RATE,
                             subtype="PCM_16")
             pcm, _ = soundfile.read(folder / CLIP_FILES["audio"], dtype="int16")  # the WAV's samples, exactly

@@ -12,7 +12,8 @@ from runtime.audio import read_audio, read_video_audio
 from runtime.inputs import request_from_files
 from runtime.modalities import normals_from_depth
 from runtime.video import decode_frames
-from synthetic.generator import QUESTION_TYPES, generate, random_scene, read_questions, render_video
+from synthetic.generator import (COLOURS, LIGHTING, QUESTION_TYPES, WALL_GREY, Scene, generate, random_scene, read_questions,
+                                 render_video)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,45 @@ def test_answers_are_in_the_files(data):
         if q.qtype == "sound":
             rms = float(np.sqrt(np.mean(read_audio(data / q.clip / "audio.wav") ** 2)))
             assert (rms < 0.01) == (q.answer == "quiet")
+
+
+SCENE = Scene(colour="red", shape="circle", motion="still", squares=("blue", "green"), still=("square", "circle"),
+              nearer=0, facing="left", sound="beep", shape3d="cube")
+
+
+def _render(lighting: str, **changes) -> tuple[np.ndarray, np.ndarray]:
+    from dataclasses import replace
+    return render_video(replace(SCENE, **changes), 2, 64, np.random.default_rng(0), lighting)
+
+
+def test_depth_lighting_is_a_monocular_cue():
+    """Lit by depth, the nearer still object is the brighter one, the wall darkens where it recedes, and the
+    moving shape keeps its colour; flat lighting draws none of that."""
+    row, cols = 64 - 64 // 8 - 2, (64 // 4, 3 * 64 // 4)
+    base = [np.sum(COLOURS[c]) for c in SCENE.squares]  # the still objects' unlit colours, left then right
+    for nearer in (0, 1):
+        video, depth = _render("depth", nearer=nearer)
+        light = [video[0, row, x].sum() / b for x, b in zip(cols, base)]  # brightness factor of each object
+        assert depth[0, row, cols[nearer]] < depth[0, row, cols[1 - nearer]]
+        assert light[nearer] > light[1 - nearer] + 0.15
+    video, depth = _render("depth", facing="left")  # faces left: depth grows to the right
+    assert depth[0, 5, 60] > depth[0, 5, 5] and video[0, 5, 60, 0] < video[0, 5, 5, 0]
+    flat, _ = _render("flat", facing="left")
+    assert (flat[0, 5, :, 0] == 128).all()
+    front, _ = _render("depth", facing="front")
+    assert abs(int(front[0, 5, 5, 0]) - 128) <= 1 and WALL_GREY > 128
+    mover = np.all(video[0] == COLOURS["red"], axis=-1)  # the moving shape, unshaded
+    assert mover.sum() > 50
+
+
+def test_flat_lighting_is_the_shipped_models_training_data(tmp_path):
+    """`crema train-demo` reproduces the shipped weights only if flat-lit clips are drawn as before lighting
+    existed: the same random stream, a flat 128 wall, colours unscaled."""
+    video, _ = _render("flat", facing="up")
+    assert (video[0, :20, 2] == 128).all() and np.all(video[0, 56, 16] == COLOURS["blue"])
+    with pytest.raises(ValueError, match="lighting"):
+        _render("sunny")
+    assert LIGHTING == ("depth", "varied", "flat")
 
 
 def test_raw_input_path_reads_a_clip(data):

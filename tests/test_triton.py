@@ -340,30 +340,29 @@ def test_request_tensors_send_only_what_is_given():
     assert sorted(t) == ["audio", "num_beams", "question"] and t["num_beams"].dtype == np.int32
 
 
-def test_a_video_alone_gets_depth_and_normals_from_the_exported_estimator(setup, tmp_path):
-    """Artifacts exported with a depth model (a tiny ZoeDepth): the repository gains a depth_estimator
-    model that preprocess calls for requests without depth maps; answers equal the in-process
-    runtime's with the same estimator, and a repeated video hits the estimator's cache."""
+def test_the_demo_answers_from_the_video_alone(setup, tmp_path):
+    """Issue 14: the demo model exported with its shipped depth estimator; a request carrying clip.mp4 and
+    pc.npz only (no depth maps, no audio file) gets depth and normals from the repository's depth_estimator
+    model (called by preprocess), audio from the soundtrack: the make-demo clip's six answers are right and
+    equal the in-process runtime's, and a repeated video hits the estimator's cache."""
+    from crema.demo import video_alone
     from export.onnx_export import export_artifacts
-    from reference.weights import DEMO_SOURCE, demo_model
+    from reference.weights import DEMO_DEPTH, DEMO_SOURCE, demo_model
     from runtime.pipeline import Pipeline
-    from test_depth_estimator import write_depth_model
     from triton_models.service import Service
 
-    art = export_artifacts(demo_model(), tmp_path / "art", DEMO_SOURCE, progress=False,
-                           depth_model=write_depth_model(tmp_path / "zoe", "zoedepth"))
+    art = export_artifacts(demo_model(), tmp_path / "art", DEMO_SOURCE, progress=False, depth_model=DEMO_DEPTH)
     repo = generate_repository(art, tmp_path / "repo")
     assert "depth_estimator" in validate(repo)
     pipeline = Pipeline(art)
     with Service(repo, http_port=0, grpc_port=0, metrics_port=0, log_file=tmp_path / "server.log") as service, \
             CremaClient(service.endpoints.http_url) as client:
-        for q in setup["questions"][:3]:
-            f = {k: v for k, v in files(setup, q.clip).items() if k != "depth"}
+        for q in [q for q in setup["questions"] if q.clip == "clip00000"]:  # the clip `make demo` asks about
+            f = video_alone(setup["data"] / q.clip)
             want = pipeline.answer([request_from_files(pipeline.config, q.question, **f,
                                                        depth_model=pipeline.depth_estimator)])[0].text
-            assert client.infer(tensors_from_files(q.question, **f)).answer == want, q
-        # the same video with other audio: preprocess runs again, the estimator's frames are a cache hit
-        tensors = tensors_from_files(q.question, **f)
-        tensors["audio"] = np.array([bytes(tensors["audio"][0]) + b"\0\0"], dtype=object)
-        client.infer(tensors)
-        assert cache_hits(service, "depth_estimator") == 1
+            assert client.infer(tensors_from_files(q.question, **f)).answer == want == q.answer, q
+        # the same video with an audio file: preprocess runs again, the estimator's frames are a cache hit
+        before = cache_hits(service, "depth_estimator")
+        client.infer(tensors_from_files(q.question, **f, audio=files(setup, q.clip)["audio"]))
+        assert cache_hits(service, "depth_estimator") == before + 1

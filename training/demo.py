@@ -49,6 +49,10 @@ class TrainSettings:
     # Question types asked twice in every step (twice their share of the loss). In equal shares the
     # model never learned "nearer"; only nearer, or more of it, starved the others (docs/demo-model.md).
     oversample: tuple = ("nearer",)
+    # Flat-lit training clips (synthetic.render_video): their RGB tells neither which object is nearer nor
+    # where the wall faces, so the model learns those from depth and normals only (the ablation contract).
+    # The clips it is asked about are lit by depth, the cue the depth estimator reads (crema train-depth).
+    lighting: str = "flat"
 
 
 class ClipSet:
@@ -57,8 +61,14 @@ class ClipSet:
     frames: modality -> [N, T, 3, S, S]; audio [N, clips, frames, mel]; pc_feat [N, P, D]; pc_coords [N, P, 3]
     """
 
-    def __init__(self, directory: Path, names: list[str], questions: list[Question], config: dict):
-        requests = [request_from_files(config, "", **clip_files(directory / n))
+    def __init__(self, directory: Path, names: list[str], questions: list[Question], config: dict,
+                 depth_model=None):
+        """depth_model: when given, the clips' modalities come from clip.mp4 and pc.npz alone, as `crema run
+        --video` derives them: depth (and normals) estimated by it, audio from the soundtrack."""
+        def files(name: str) -> dict:
+            f = clip_files(directory / name)
+            return f if depth_model is None else {"video": f["video"], "pc": f["pc"], "depth_model": depth_model}
+        requests = [request_from_files(config, "", **files(n))
                     for n in tqdm(names, desc="extract modalities", unit="clip", leave=False)]
         stack = lambda xs: torch.from_numpy(np.stack(xs))  # noqa: E731
         self.names = names
@@ -83,10 +93,13 @@ class ClipSet:
                            pick("pc", self.pc_feat), pick("pc", self.pc_coords))
 
 
-def demo_data(out: str | Path, clips: int, seed: int, config: dict, settings: TrainSettings = TrainSettings()) -> Path:
-    """Synthetic clips shaped as the demo task (and `config`'s 3D feature width and voxel grid)."""
+def demo_data(out: str | Path, clips: int, seed: int, config: dict, settings: TrainSettings = TrainSettings(),
+              lighting: str = "depth") -> Path:
+    """Synthetic clips shaped as the demo task (and `config`'s 3D feature width and voxel grid), lit by
+    their own depth unless `lighting` says otherwise (training uses settings.lighting)."""
     return generate(out, clips=clips, seed=seed, frames=settings.video_frames, size=settings.video_size,
-                    pc_dim=config["vision"]["hidden_size"], pc_points=settings.pc_points, pc_grid=config["pc_grid"])
+                    pc_dim=config["vision"]["hidden_size"], pc_points=settings.pc_points, pc_grid=config["pc_grid"],
+                    lighting=lighting)
 
 
 def training_init(model: Crema, seed: int) -> Crema:
@@ -183,7 +196,7 @@ def train_demo(out: str | Path, settings: TrainSettings = TrainSettings(), work:
     start = time.time()
     cfg = preset("demo")
     n = settings.train_clips + settings.test_clips
-    data_dir = demo_data(work, n, settings.seed, cfg.to_dict(), settings)
+    data_dir = demo_data(work, n, settings.seed, cfg.to_dict(), settings, settings.lighting)
     names = sorted(p.name for p in data_dir.iterdir() if p.is_dir())[:n]
     questions = read_questions(data_dir)
     train_set = ClipSet(data_dir, names[:settings.train_clips], questions, cfg.to_dict())

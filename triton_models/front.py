@@ -294,7 +294,9 @@ class Front:
             except asyncio.TimeoutError:
                 raise Failure(503, f"the model server did not answer ({e}); retry shortly") from None
             raise self._aborted(reason) from None
-        finally:
+        finally:  # also when this handler is cancelled (the client went away): the call to Triton goes too
+            if not task.done():
+                task.cancel()
             self._in_flight.discard(abort)
             self._slots.release()
 
