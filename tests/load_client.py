@@ -49,7 +49,7 @@ def client(i: int, args, goods: list, bads: list, out: list, lock: threading.Loc
                 error = str(e)
                 ok = bad and expect in error
             line = json.dumps({"kind": "bad" if bad else "good", "start": start, "end": time.monotonic(),
-                               "ok": ok, "error": error[:300]})
+                               "ok": ok, "error": error[:2000]})
             with lock:
                 out.append(line)
 
