@@ -72,7 +72,9 @@ def before():
 
 
 def race(variants: dict, repeat: int, number: int = 1) -> dict[str, float]:
-    """Best round of each variant (a round: the mean of `number` calls), rounds interleaved."""
+    """Best round of each variant (a round: the mean of `number` calls) over `repeat` interleaved rounds
+    (A B C A B C ...), so that a burst of load from other tenants of the machine hits every variant
+    alike. One warm-up call each (which also compiles for torch.compile)."""
     for fn in variants.values():
         fn()
     times = {name: [] for name in variants}
@@ -83,6 +85,19 @@ def race(variants: dict, repeat: int, number: int = 1) -> dict[str, float]:
                 fn()
             times[name].append((time.perf_counter() - start) / number)
     return {name: min(t) for name, t in times.items()}
+
+
+def before_after(run, repeat: int) -> tuple[object, dict[str, float]]:
+    """`run` with the decoder's old top-k and log-softmax (before()) and with the current ones, raced;
+    both must give the same result -> (that result, the race's times)."""
+    new = run()
+    with before():
+        assert run() == new
+
+    def old():
+        with before():
+            run()
+    return new, race({"before": old, "after": run}, repeat)
 
 
 def log_prob_rows(requests: int, seed: int = 0) -> np.ndarray:
@@ -139,15 +154,7 @@ def loop_section(repeat: int) -> list[dict]:
         def run():
             return decoding.beam_search(model, BEAMS, NEW_TOKENS, length_penalty=1.0)
 
-        new = run()
-        with before():
-            assert run() == new
-
-        def old():
-            with before():
-                run()
-
-        t = race({"before": old, "after": run}, repeat)
+        _, t = before_after(run, repeat)
         rows.append({"requests": requests, **t})
         print(f"  loop, {requests} request(s): " + ", ".join(f"{n} {v * 1e3:.1f} ms" for n, v in t.items()), flush=True)
     return rows
@@ -190,15 +197,7 @@ def ort_section(repeat: int, work: Path) -> dict:
     def run():
         return [a.token_ids for a in decode_answers(stages, hidden, mask, g, tokenizer, [])]
 
-    new = run()
-    with before():
-        assert run() == new
-
-    def old():
-        with before():
-            run()
-
-    t = race({"before": old, "after": run}, repeat)
+    new, t = before_after(run, repeat)
     print("  ORT decode: " + ", ".join(f"{n} {v * 1e3:.1f} ms" for n, v in t.items()), flush=True)
     return {"torch": torch.__version__, "generation": {k: g[k] for k in ("num_beams", "max_new_tokens")},
             "tokens": new, **t}

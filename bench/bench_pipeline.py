@@ -30,7 +30,7 @@ from onnx import TensorProto, helper  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_decoding import section_of  # noqa: E402
+from bench.bench_decoding import race, section_of  # noqa: E402
 from bench.machine import describe  # noqa: E402
 from crema.demo import write_clip  # noqa: E402
 from export.onnx_export import export_artifacts  # noqa: E402
@@ -47,21 +47,6 @@ def exported(make_model, artifacts: Path, source: dict) -> Path:
         shutil.rmtree(artifacts, ignore_errors=True)
         export_artifacts(make_model(), artifacts, source)
     return artifacts
-
-
-def race(variants: dict, repeat: int) -> dict[str, float]:
-    """Best time of each variant over `repeat` interleaved rounds (A B C A B C ...), so that a burst
-    of load from other tenants of the machine hits every variant alike. One warm-up call each
-    (which also compiles for torch.compile)."""
-    for fn in variants.values():
-        fn()
-    times = {name: [] for name in variants}
-    for _ in range(repeat):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
 
 
 def sgemm_peaks(n: int = 2048, repeat: int = 5) -> dict[str, float]:

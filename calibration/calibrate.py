@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from export.onnx_export import remove_stale, staging_dir
+from export.onnx_export import remove_paths, remove_stale, staging_dir
 from runtime.artifacts import MANIFEST, ArtifactError, Artifacts, update_manifest
 from runtime.pipeline import Pipeline
 
@@ -106,16 +106,8 @@ def directory_lock(directory: Path):
 def remove_leftovers(directory: Path, manifest: dict, log=print) -> None:
     """What killed runs left: staging folders of dead processes, and an int8/ folder that the manifest
     does not list (a run killed while installing). Call with the lock held."""
-    gone = remove_stale(directory, STAGING)
-    for name in LEFTOVERS + (() if "int8" in manifest else ("int8",)):
-        path = directory / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        gone.append(path)
+    gone = remove_stale(directory, STAGING) + remove_paths(
+        directory / name for name in LEFTOVERS + (() if "int8" in manifest else ("int8",)))
     if gone:
         log(f"removed what interrupted calibrations left: {', '.join(p.name for p in gone)}")
 

@@ -44,7 +44,7 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 
 from runtime.artifacts import MANIFEST, Artifacts, update_manifest
 
-from .onnx_export import remove_stale, staging_dir
+from .onnx_export import remove_paths, remove_stale, staging_dir
 
 COSINE_BOUND = 0.999  # DESIGN §5, FP16 row
 FIDELITY_CALLS = 64  # recorded calls per stage that the fidelity check compares
@@ -342,15 +342,8 @@ def end_to_end(directory: Path, fp32, graphs: dict[str, Path], items: list) -> d
 def remove_leftovers(directory: Path, manifest: dict, log=print) -> None:
     """Staging folders of dead conversions, an fp16/ the manifest does not list (a run killed while
     installing), a manifest replace cut short. Call with the directory's lock held."""
-    gone = remove_stale(directory, STAGING)
-    for path in [directory / "manifest.json.tmp"] + ([] if FOLDER in manifest else [directory / FOLDER]):
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        gone.append(path)
+    gone = remove_stale(directory, STAGING) + remove_paths(
+        [directory / "manifest.json.tmp"] + ([] if FOLDER in manifest else [directory / FOLDER]))
     if gone:
         log(f"removed what interrupted runs left: {', '.join(p.name for p in gone)}")
 

@@ -122,6 +122,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def remove_paths(paths) -> list[Path]:
+    """Remove each path that exists (folder or file); returns those removed."""
+    gone = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        gone.append(path)
+    return gone
+
+
 def remove_stale(parent: Path, name: str) -> list[Path]:
     """Remove the `parent/.{name}.{pid}.tmp` folders whose process is gone (left by killed runs)."""
     removed = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from aiohttp import web
 
 from triton_models.client import DATATYPES
 from triton_models.layout import ENSEMBLE
+from triton_models.loop import LoopThread
 
 from .chat import ChatRequest, parse_chat, parse_json
 from .errors import ApiError
@@ -68,8 +68,11 @@ class TokenCounter:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-class Gateway:
+class Gateway(LoopThread):
+    start_timeout = 30.0
+
     def __init__(self, settings: Settings):
+        super().__init__("crema-gateway")
         self.settings = settings
         self.allow_dirs = [Path(d).resolve(strict=True) for d in settings.allow_dirs]
         self.tokens = TokenCounter(settings.tokenizer)
@@ -78,32 +81,12 @@ class Gateway:
         self.calling = 0  # of which waiting for Triton's answer
         self.created = int(time.time())
         self.triton = None  # tritonclient.grpc.aio.InferenceServerClient, made in the loop
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="crema-gateway")
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://{self.settings.host}:{self.port}/v1"
-
-    # lifecycle (called from other threads)
-    def start(self) -> "Gateway":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(30)
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(30)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-
-    def __enter__(self) -> "Gateway":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     async def _start(self) -> None:
         import tritonclient.grpc.aio as triton

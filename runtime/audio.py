@@ -48,21 +48,25 @@ def samples_needed(num_clips: int, clip_frames: int) -> int:
     return (num_clips * clip_frames - 1) * 160 + MIN_SAMPLES
 
 
+def _opened(source: str | Path | bytes, name: str | None, bytes_label: str) -> tuple[str, io.BytesIO | str]:
+    """(how errors name the input, what soundfile/PyAV open): bytes or an existing file's path."""
+    label = name or (bytes_label if isinstance(source, (bytes, bytearray)) else str(source))
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise AudioError(f"{label}: empty")
+        return label, io.BytesIO(source)
+    if not Path(source).is_file():
+        raise AudioError(f"{label}: no such file")
+    return label, str(source)
+
+
 def read_audio(source: str | Path | bytes, name: str | None = None, max_samples: int | None = None) -> np.ndarray:
     """A sound file (path) or its bytes -> mono float32 samples in [-1, 1] at 16 kHz.
 
     max_samples: decode only the start of the file that gives these many 16 kHz samples (plus
     MARGIN_SECONDS, so they equal the first max_samples of the whole file's resampling); None: all.
     """
-    label = name or ("audio bytes" if isinstance(source, (bytes, bytearray)) else str(source))
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise AudioError(f"{label}: empty")
-        handle = io.BytesIO(source)
-    else:
-        if not Path(source).is_file():
-            raise AudioError(f"{label}: no such file")
-        handle = str(source)
+    label, handle = _opened(source, name, "audio bytes")
     try:
         with soundfile.SoundFile(handle) as f:
             rate = f.samplerate
@@ -101,15 +105,7 @@ def read_video_audio(source: str | Path | bytes, name: str | None = None,
                      max_samples: int | None = None) -> np.ndarray:
     """A video file's (path or bytes) first audio stream -> mono float32 samples at 16 kHz, as read_audio
     gives them for a sound file (max_samples: the same budget). No audio stream: NoSoundtrack."""
-    label = name or ("video bytes" if isinstance(source, (bytes, bytearray)) else str(source))
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise AudioError(f"{label}: empty")
-        handle = io.BytesIO(source)
-    else:
-        if not Path(source).is_file():
-            raise AudioError(f"{label}: no such file")
-        handle = str(source)
+    label, handle = _opened(source, name, "video bytes")
     try:
         with av.open(handle, "r") as container:
             if not container.streams.audio:

@@ -216,14 +216,19 @@ def train_demo(out: str | Path, settings: TrainSettings = TrainSettings(), work:
     return metrics
 
 
+def accuracy_table(rows: dict[str, dict]) -> str:
+    """Markdown: accuracy per question type (and overall), one row per inputs label -> accuracy()."""
+    types = list(QUESTION_TYPES) + ["overall"]
+    lines = ["| inputs | " + " | ".join(f"{t} ({QUESTION_TYPES.get(t, 'all')})" for t in types) + " |",
+             "|---|" + "---:|" * len(types)]
+    for name, acc in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in types) + " |")
+    return "\n".join(lines)
+
+
 def metrics_table(metrics: dict) -> str:
     """Markdown: held-out accuracy per question type, one row per ablation variant."""
-    types = list(QUESTION_TYPES) + ["overall"]
-    rows = ["| inputs | " + " | ".join(f"{t} ({QUESTION_TYPES.get(t, 'all')})" for t in types) + " |",
-            "|---|" + "---:|" * len(types)]
-    for name, acc in metrics["ablation"].items():
-        rows.append(f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in types) + " |")
-    return "\n".join(rows)
+    return accuracy_table(metrics["ablation"])
 
 
 def report_markdown(metrics: dict) -> str:

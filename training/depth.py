@@ -230,9 +230,9 @@ def train_depth(out: str | Path, settings: DepthSettings = DepthSettings(), work
 
 def report_markdown(metrics: dict) -> str:
     """Markdown: depth error on held-out frames, and the demo model's accuracy with rendered vs estimated depth."""
-    from synthetic.generator import QUESTION_TYPES
+    from training.demo import accuracy_table
     s, e = metrics["settings"], metrics["held_out"]
-    types = list(QUESTION_TYPES) + ["overall"]
+    labels = {"rendered depth": "rendered depth maps, audio.wav", "video alone": "clip.mp4 + pc.npz (estimated depth)"}
     rows = [f"Depth estimator: {metrics['parameters']:,} parameters, {s['steps']} steps on {s['train_clips']} clips x "
             f"{s['frames']} frames (seed {s['seed']}, {s['threads']} threads, training {metrics['train_seconds']} s). "
             f"Held out ({s['demo_clips']} new demo clips x {s['frames']} frames, seed {s['demo_seed']}, lit by their "
@@ -242,9 +242,5 @@ def report_markdown(metrics: dict) -> str:
             f"| {e['abs_rel']:.3f} | {e['rmse']:.2f} | {100 * e['delta_1.25']:.1f}% | {e['normal_deg_median']:.1f} deg | "
             f"{100 * e['normal_within_15deg']:.1f}% |", "",
             f"The demo model on {s['demo_clips']} new clips (seed {s['demo_seed']}), held-out accuracy (%, greedy oeqa):",
-            "", "| inputs | " + " | ".join(f"{t} ({QUESTION_TYPES.get(t, 'all')})" for t in types) + " |",
-            "|---|" + "---:|" * len(types)]
-    labels = {"rendered depth": "rendered depth maps, audio.wav", "video alone": "clip.mp4 + pc.npz (estimated depth)"}
-    for name, acc in metrics["demo"].items():
-        rows.append(f"| {labels.get(name, name)} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in types) + " |")
+            "", accuracy_table({labels.get(k, k): acc for k, acc in metrics["demo"].items()})]
     return "\n".join(rows) + "\n"

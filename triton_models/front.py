@@ -30,7 +30,6 @@ import asyncio
 import json
 import math
 import re
-import threading
 from dataclasses import dataclass
 
 import grpc
@@ -38,6 +37,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from tritonclient.grpc import service_pb2
 
 from .contract import Contract, RequestRejected, TensorClaim, count_json_values
+from .loop import LoopThread
 from .server import GRPC_KEY_HEADER, KEY_HEADER, TritonServer
 
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
@@ -181,14 +181,13 @@ def grpc_claims(request: service_pb2.ModelInferRequest) -> tuple[list[TensorClai
 
 # --- the front -----------------------------------------------------------------------------------
 
-class Front:
+class Front(LoopThread):
     def __init__(self, server: TritonServer, contract: Contract, limits: Limits, host: str, http_port: int,
                  grpc_port: int, ready=lambda: (True, "")):
+        super().__init__("crema-front")
         self.server, self.contract, self.limits = server, contract, limits
         self.host, self.http_port, self.grpc_port = host, http_port, grpc_port
         self.ready = ready  # () -> (ready, why not)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="crema-front")
         self._in_flight: set[asyncio.Future] = set()
         self._waiting = 0
         self._slots: asyncio.Semaphore | None = None
@@ -200,25 +199,13 @@ class Front:
         self._grpc: grpc.aio.Server | None = None
         self.counts = {"forwarded": 0, "rejected": 0, "aborted": 0, "busy": 0}
 
-    # lifecycle (called from other threads)
-    def start(self) -> "Front":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result()
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(30)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-
     def abort_in_flight(self, reason: str) -> None:
         """Answer every request in flight now with 503/UNAVAILABLE naming `reason` (thread-safe)."""
         def abort():
             for f in self._in_flight:
                 if not f.done():
                     f.set_result(reason)
-        if self._thread.is_alive():
+        if self.running:
             self.loop.call_soon_threadsafe(abort)
 
     async def _start(self) -> None:
