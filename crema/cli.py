@@ -14,8 +14,9 @@ from pathlib import Path
 # Pure-Python constants (no torch, no ONNX Runtime): the choices stay those the packages accept.
 from crema.deploy import add_deploy
 from gateway.cli import add_gateway
-from reference.config import DOWNSTREAM_TASKS, TASKS
+from reference.config import DOWNSTREAM_TASKS
 from runtime.artifacts import PRECISIONS
+from triton_models.layout import MAX_QUEUE, QUEUE_TIMEOUT_MS
 
 
 class UsageError(ValueError):
@@ -33,7 +34,8 @@ ORT_OPTIONS = (("--threads", "threads"), ("--low-memory", "low_memory"), ("--pre
 
 def _crema_options(p) -> None:
     p.add_argument("--modalities", help="e.g. rgb_depth_flow_norm, rgb_audio, rgb_depth-skip")
-    p.add_argument("--task", choices=TASKS, help="how the modalities are fused")
+    p.add_argument("--task", type=task_name, help="how the modalities are fused: concat | espresso | espresso_concat, "
+                                              "or CREMA's names (e.g. espresso-concat-seq)")
     p.add_argument("--downstream", choices=DOWNSTREAM_TASKS, help="open-ended or multiple-choice QA")
     p.add_argument("--frames", type=int, dest="frame_num", help="frames per clip (frame_num)")
 
@@ -44,11 +46,25 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                       "seeded random weights")
     src.add_argument("--checkpoint", type=Path, help="a directory written by `crema checkpoint`")
     src.add_argument("--blip2-dir", type=Path, help="HF BLIP-2 FlanT5 directory (safetensors + tokenizer.json)")
-    src.add_argument("--crema-ckpt", type=Path, help="CREMA LAVIS checkpoint (.pth), with --blip2-dir")
+    src.add_argument("--crema-ckpt", type=Path, action="append",
+                     help="CREMA LAVIS checkpoint (.pth), with --blip2-dir; give it twice to overlay a fine-tuned "
+                          "checkpoint on crema_pretrained.pth, as CREMA loads them (the later one wins)")
     src.add_argument("--beats-ckpt", type=Path, help="BEATs checkpoint (.pt), when audio is configured")
     opt = p.add_argument_group("CREMA options (override the preset or checkpoint)")
     _crema_options(opt)
     opt.add_argument("--seed", type=int, help="seed of a preset's random weights (default 0)")
+    opt.add_argument("--reference-precision", choices=["fp32", "crema"], default="fp32",
+                     help="crema: as CREMA ran inference (ViT/BEATs under fp16 autocast, T5 in bf16; bf16 on CPU)")
+
+
+def task_name(text: str) -> str:
+    """argparse type of --task: ours, or CREMA's name for it."""
+    from reference.config import ConfigError
+    from reference.weights import task_options
+    try:
+        return task_options(text)["task"]
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def key_value(text: str) -> tuple[str, str]:
@@ -60,7 +76,13 @@ def key_value(text: str) -> tuple[str, str]:
 
 
 def _raw_input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--question", required=True)
+    p.add_argument("--question", required=True, help="the question (with --dataset music-avqa: its template, "
+                                                     "<...> placeholders filled from --templ-values)")
+    d = p.add_argument_group("asked as CREMA asks a dataset's questions (its prompt and generation settings)")
+    d.add_argument("--dataset", choices=["nextqa", "music-avqa", "sqa3d"])
+    d.add_argument("--option", action="append", help="nextqa: an answer option (five, in order A..E)")
+    d.add_argument("--situation", help="sqa3d: the situation text")
+    d.add_argument("--templ-values", help="music-avqa: the placeholder values, e.g. '[\"cello\"]'")
     p.add_argument("--video", type=Path, help="the video file (rgb frames; optical flow is computed from it; "
                                               "its soundtrack is the audio when --audio is not given)")
     p.add_argument("--depth", type=Path, help="depth maps: .npy [T, H, W] or [H, W], 16-bit PNG, or a folder "
@@ -142,7 +164,15 @@ def check_model_source(args) -> None:
 
 
 def load_model(args):
-    """The reference model from exactly one source."""
+    """The reference model from exactly one source, at --reference-precision."""
+    model = _load_model(args)
+    if getattr(args, "reference_precision", "fp32") == "crema":
+        from reference.model import crema_precision
+        crema_precision(model, "cpu")
+    return model
+
+
+def _load_model(args):
     check_model_source(args)
     from reference import weights
     if args.preset == "demo":
@@ -214,7 +244,31 @@ def add_run(sub) -> None:
 
 def cmd_run(args) -> None:
     """ONNX Runtime with --artifacts (torch is never imported), else the PyTorch reference."""
+    dataset_prompt(args)
     (run_artifacts if args.artifacts else run_reference)(args)
+
+
+def dataset_prompt(args) -> None:
+    """--dataset: the question becomes CREMA's prompt for that dataset, and its generation settings the
+    defaults of --downstream/--task, --beams and --max-new-tokens (runtime/datasets.py)."""
+    structured = _given(args, (("--option", "option"), ("--situation", "situation"), ("--templ-values", "templ_values")))
+    if not args.dataset:
+        if structured:
+            raise UsageError(f"{structured[0]}: only with --dataset")
+        return
+    from runtime.datasets import dataset_preset
+    preset = dataset_preset(args.dataset)
+    fields = {"nextqa": {"question": args.question, "options": args.option or []},
+              "music-avqa": {"question_template": args.question, "templ_values": args.templ_values or ""},
+              "sqa3d": {"situation": args.situation, "question": args.question}}[args.dataset]
+    if args.dataset == "sqa3d" and not args.situation:
+        raise UsageError("--situation: needed with --dataset sqa3d")
+    args.question = preset.build_prompt(fields)
+    task = "downstream" if hasattr(args, "downstream") else "task"
+    for dest, value in ((task, preset.downstream_task), ("beams", preset.num_beams),
+                        ("max_new_tokens", preset.max_new_tokens)):
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
 
 
 def read_request(args, question: str, config: dict):
@@ -247,7 +301,7 @@ def run_artifacts(args) -> None:
                              task=args.downstream)[0]
     note = ", random preset weights" if _random_weights(manifest.get("source") or {}) else ""
     _print_answer(question, answer.text, answer.option_scores, time.perf_counter() - start,
-                  f"ONNX Runtime {args.precision or 'fp32'}{note}")
+                  f"ONNX Runtime {args.precision or 'fp32'}{note}", answer.question_tokens)
 
 
 def check_artifact_options(args, manifest: dict) -> None:
@@ -297,11 +351,14 @@ def run_reference(args) -> None:
                   f"PyTorch reference{note}")
 
 
-def _print_answer(question: str, text: str, option_scores, seconds: float, how: str) -> None:
+def _print_answer(question: str, text: str, option_scores, seconds: float, how: str, question_tokens=None) -> None:
     print(f"question: {question}")
     print(f"answer:   {text}")
     if option_scores:
         print("scores:   " + "  ".join(f"{l}={s:.3f}" for l, s in zip("ABCDE", option_scores)))
+    if question_tokens and question_tokens[1] > question_tokens[0]:
+        print(f"note: the question is {question_tokens[1]} tokens; the model read its first {question_tokens[0]} "
+              "(max_txt_len, cut as CREMA cuts it)", file=sys.stderr)
     print(f"({seconds:.2f} s, {how})", file=sys.stderr)
 
 
@@ -323,8 +380,15 @@ def add_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def fp32_weights_only(args) -> None:
+    if args.reference_precision != "fp32":
+        raise UsageError("--reference-precision crema: only to run the reference (export and checkpoints keep FP32 "
+                         "weights; ONNX precisions are chosen at run time)")
+
+
 def cmd_export(args) -> None:
     from export.onnx_export import export_artifacts
+    fp32_weights_only(args)
     if args.depth_model is not None:  # refused in seconds, before the model loads
         from export.depth import check_depth_model
         check_depth_model(args.depth_model)
@@ -337,8 +401,10 @@ def cmd_export(args) -> None:
     elif args.checkpoint:
         source = {"checkpoint": str(args.checkpoint.resolve())}
     else:
-        source = {k: str(Path(v).resolve()) for k, v in (("blip2_dir", args.blip2_dir), ("crema_ckpt", args.crema_ckpt),
-                                                         ("beats_ckpt", args.beats_ckpt)) if v}
+        source = {k: str(Path(v).resolve()) for k, v in (("blip2_dir", args.blip2_dir), ("beats_ckpt", args.beats_ckpt))
+                  if v}
+        if args.crema_ckpt:  # in overlay order
+            source["crema_ckpt"] = [str(Path(v).resolve()) for v in args.crema_ckpt]
     out = export_artifacts(model, args.out, source, progress=not args.quiet, depth_model=args.depth_model)
     print(f"wrote {out}")
 
@@ -370,6 +436,7 @@ def add_checkpoint(sub) -> None:
 
 def cmd_checkpoint(args) -> None:
     from reference.weights import save_checkpoint
+    fp32_weights_only(args)
     model = load_model(args)
     print(save_checkpoint(model, args.out, extra={"seed": _seed(args), "preset": args.preset}))
 
@@ -555,6 +622,11 @@ def add_triton_repo(sub) -> None:
                                                            "0: none); it keeps successful outputs only")
     p.add_argument("--cores", type=int, help="CPU hosts: every model instance needs N free cores to run (Triton's "
                                             "rate limiter), so concurrent requests do not oversubscribe the CPU")
+    p.add_argument("--queue-timeout-ms", type=int, default=QUEUE_TIMEOUT_MS,
+                   help="a request waiting longer in any model's queue is rejected (0: no limit); a client's "
+                        "deadline may shorten it")
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                   help="requests waiting in any one model's queue; more are rejected (0: no limit)")
     p.set_defaults(func=cmd_triton_repo)
 
 
@@ -562,7 +634,8 @@ def cmd_triton_repo(args) -> None:
     from triton_models.repository import generate_repository, validate
     repo = generate_repository(args.artifacts, args.out, flavour=args.flavour, precision=args.precision,
                                instances=args.instances, max_input_mb=args.max_input_mb, trt_engines=args.trt_engines,
-                               cores=args.cores, cache_mb=args.cache_mb, device=args.device)
+                               cores=args.cores, cache_mb=args.cache_mb, device=args.device,
+                               queue_timeout_ms=args.queue_timeout_ms, max_queue=args.max_queue)
     models = validate(repo)
     print(f"wrote {repo}: {len(models)} models ({', '.join(sorted(models))}), flavour {args.flavour}, "
           f"{args.precision}")
@@ -633,6 +706,7 @@ def add_ask(sub) -> None:
 
 def cmd_ask(args) -> None:
     from runtime.text import clean_question
+    dataset_prompt(args)
     from triton_models.client import AskError, CremaClient, needs_frame_shapes, tensors_from_files
 
     question = clean_question(args.question)
@@ -648,14 +722,20 @@ def cmd_ask(args) -> None:
     except AskError as e:
         print(f"error: {flag_names(str(e))}", file=sys.stderr)
         raise SystemExit(2)
-    _print_answer(question, result.answer, result.option_scores, result.seconds, f"Triton {args.protocol} {args.url}")
+    _print_answer(question, result.answer, result.option_scores, result.seconds, f"Triton {args.protocol} {args.url}",
+                  result.question_tokens)
 
 
 # --- the command ---------------------------------------------------------------------------------
 
+def add_evaluate_command(sub) -> None:
+    from crema.evaluate import add_evaluate
+    add_evaluate(sub, _model_args, UsageError)
+
+
 SUBCOMMANDS = (add_info, add_run, add_export, add_parity, add_checkpoint, add_demo, add_calibrate, add_convert_fp16,
                add_build_trt, add_train_demo, add_train_depth, add_triton_repo, add_serve, add_ask, add_gateway,
-               add_deploy)
+               add_deploy, add_evaluate_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,18 @@
 """The gateway: an aiohttp application answering OpenAI's chat-completions API by forwarding each request
 to the `crema` ensemble of `crema serve` over gRPC (tritonclient's asyncio client).
 
-    gateway = Gateway(Settings(url="127.0.0.1:8001", allow_dirs=["clips/"])).start()   # port 0: a free one
+    gateway = Gateway(Settings(urls=["127.0.0.1:8001"], allow_dirs=["clips/"])).start()   # port 0: a free one
     ...  # OpenAI(base_url=gateway.base_url, api_key="-")
     gateway.stop()
 
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /v1/models/{id}. Limits (Settings): body bytes
 (413 from Content-Length before reading), decoded media bytes per request (413 before decoding),
-concurrent requests (429 beyond), a deadline per Triton call (504). A client that disconnects cancels its
-handler, which cancels its gRPC call. Request fields and errors: docs/gateway.md.
+concurrent requests (429 beyond), a deadline per request (504; `crema serve` passes it on to Triton). A client
+that disconnects cancels its handler, which cancels its gRPC call. Request fields and errors: docs/gateway.md.
+
+Several `crema serve` instances (urls): requests go round-robin to the ones not marked down. A call that
+fails UNAVAILABLE (the server died, restarts, or is busy) marks its server down for DOWN_S seconds and is
+retried once on another within the same deadline; inference has no side effects, so a retry is safe.
 """
 from __future__ import annotations
 
@@ -37,12 +41,12 @@ GRPC_ERRORS = {"INVALID_ARGUMENT": (400, "invalid_input"), "RESOURCE_EXHAUSTED":
 
 @dataclass
 class Settings:
-    url: str = "127.0.0.1:8001"  # gRPC address of `crema serve`
+    urls: list = field(default_factory=lambda: ["127.0.0.1:8001"])  # gRPC addresses of `crema serve` instances
     host: str = "127.0.0.1"
     port: int = 8080  # 0: a free port
     model_name: str = ENSEMBLE  # the name clients send and responses carry
     allow_dirs: list = field(default_factory=list)  # file:// URLs only under these (resolved)
-    timeout_s: float = 300.0  # deadline of one Triton call
+    timeout_s: float = 300.0  # deadline of one request, retry included
     max_body_bytes: int = 96 << 20  # request body (base64 costs 4/3 of the media)
     max_media_bytes: int = 64 << 20  # decoded media of one request, all fields together
     max_concurrent: int = 16  # requests being handled; 429 beyond
@@ -68,6 +72,19 @@ class TokenCounter:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+DOWN_S = 1.0  # an upstream that failed UNAVAILABLE gets no new requests for this long
+
+
+class Upstream:
+    """One `crema serve` gRPC address and its client (made in the gateway's loop)."""
+
+    def __init__(self, url: str):
+        self.url, self.client, self.down_until = url, None, 0.0
+
+    def up(self, now: float) -> bool:
+        return now >= self.down_until
+
+
 class Gateway(LoopThread):
     start_timeout = 30.0
 
@@ -76,11 +93,14 @@ class Gateway(LoopThread):
         self.settings = settings
         self.allow_dirs = [Path(d).resolve(strict=True) for d in settings.allow_dirs]
         self.tokens = TokenCounter(settings.tokenizer)
-        self.counts = {"answered": 0, "refused": 0, "cancelled": 0, "busy": 0}
+        self.counts = {"answered": 0, "refused": 0, "cancelled": 0, "busy": 0, "retried": 0}
+        if not settings.urls:
+            raise ValueError("no crema serve address (urls)")
+        self.upstreams = [Upstream(u) for u in settings.urls]
+        self._turn = 0
         self.in_flight = 0  # requests being handled now
         self.calling = 0  # of which waiting for Triton's answer
         self.created = int(time.time())
-        self.triton = None  # tritonclient.grpc.aio.InferenceServerClient, made in the loop
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -90,7 +110,8 @@ class Gateway(LoopThread):
 
     async def _start(self) -> None:
         import tritonclient.grpc.aio as triton
-        self.triton = triton.InferenceServerClient(self.settings.url)
+        for u in self.upstreams:
+            u.client = triton.InferenceServerClient(u.url)
         app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[_openai_errors])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -104,8 +125,9 @@ class Gateway(LoopThread):
     async def _stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self.triton is not None:
-            await self.triton.close()
+        for u in self.upstreams:
+            if u.client is not None:
+                await u.client.close()
 
     # endpoints
     async def models(self, request: web.Request) -> web.Response:
@@ -158,8 +180,17 @@ class Gateway(LoopThread):
         media = Media(self.allow_dirs, Budget(self.settings.max_media_bytes))
         return parse_chat(parse_json(body), self.settings.model_name, media)
 
+    def _order(self) -> list[Upstream]:
+        """The upstreams to try, in order: the next up one (round-robin), then the others up, then those down."""
+        now = time.monotonic()
+        n = len(self.upstreams)
+        self._turn = (self._turn + 1) % n
+        turn = [self.upstreams[(self._turn + i) % n] for i in range(n)]
+        return [u for u in turn if u.up(now)] + [u for u in turn if not u.up(now)]
+
     async def _infer(self, chat: ChatRequest) -> tuple[str, list[float]]:
-        """One call of the ensemble, within the deadline -> (answer, option scores)."""
+        """One call of the ensemble, within the deadline (retried once on another upstream when the first
+        is unavailable) -> (answer, option scores)."""
         import tritonclient.grpc.aio as triton
         from tritonclient.utils import InferenceServerException
 
@@ -169,11 +200,22 @@ class Gateway(LoopThread):
             tensor.set_data_from_numpy(x)
             inputs.append(tensor)
         outputs = [triton.InferRequestedOutput(n) for n in ("answer", "option_scores")]
+        deadline = time.monotonic() + self.settings.timeout_s
+        order = self._order()[:2]
         self.calling += 1
         try:
-            result = await self.triton.infer(ENSEMBLE, inputs, outputs=outputs, client_timeout=self.settings.timeout_s)
-        except InferenceServerException as e:
-            raise _triton_error(e) from None
+            for attempt, upstream in enumerate(order):
+                try:
+                    result = await upstream.client.infer(ENSEMBLE, inputs, outputs=outputs,
+                                                         client_timeout=max(deadline - time.monotonic(), 0.001))
+                    break
+                except InferenceServerException as e:
+                    if _status(e) != "UNAVAILABLE":
+                        raise _triton_error(e) from None
+                    upstream.down_until = time.monotonic() + DOWN_S
+                    if attempt + 1 == len(order):
+                        raise _triton_error(e, upstream.url if len(order) == 1 else "every model server") from None
+                    self.counts["retried"] += 1
         finally:
             self.calling -= 1
         return (result.as_numpy("answer").reshape(-1)[0].decode(),
@@ -207,14 +249,17 @@ class Gateway(LoopThread):
         return response
 
 
-def _triton_error(e) -> ApiError:
-    status = (e.status() or "").removeprefix("StatusCode.")
-    http, code = GRPC_ERRORS.get(status, (502, "model_server_error"))
+def _status(e) -> str:
+    return (e.status() or "").removeprefix("StatusCode.")
+
+
+def _triton_error(e, server: str = "the model server") -> ApiError:
+    http, code = GRPC_ERRORS.get(_status(e), (502, "model_server_error"))
     message = e.message() or str(e)
     if http == 504:
         message = f"no answer from the model within the gateway's deadline ({message})"
     elif http == 503:
-        message = f"the model server is unavailable ({message}); retry shortly"
+        message = f"{server} is unavailable ({message}); retry shortly"
     return ApiError(message, None, code, http)
 
 

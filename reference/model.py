@@ -147,6 +147,8 @@ class Crema(nn.Module):
         lm.all_tied_weights_keys.pop("lm_head.weight", None)
         self._prefixes = {name: self._prefix(texts) for name, texts in self._prefix_texts().items()}
         self.answer_ids = tokenizer.answer_ids(cfg.answer_num)  # exported always: any model may be asked mcqa
+        # stage ("encoders" | "t5") -> autocast dtype; empty: plain fp32 (see `crema_precision`)
+        self.stage_autocast: dict[str, torch.dtype] = {}
         self.eval()
 
     # --- constants ---------------------------------------------------------------------------
@@ -172,11 +174,22 @@ class Crema(nn.Module):
                 m.active = None
 
     # --- stages ------------------------------------------------------------------------------
+    def _autocast(self, stage: str, device: torch.device):
+        dtype = self.stage_autocast.get(stage)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+    def _encoder_out(self, x: torch.Tensor) -> torch.Tensor:
+        # CREMA's encoder output leaves autocast through a fp32 LayerNorm (ln_m, or BEATs' last norm)
+        return x.float() if "encoders" in self.stage_autocast else x
+
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision_model(pixel_values)
+        with self._autocast("encoders", pixel_values.device):
+            return self._encoder_out(self.vision_model(pixel_values))
 
     def audio_features(self, fbank: torch.Tensor) -> torch.Tensor:
-        return self.projection_audio(self.audio_encoder(fbank))
+        with self._autocast("encoders", fbank.device):  # CREMA: projection_audio runs outside autocast
+            feats = self._encoder_out(self.audio_encoder(fbank))
+        return self.projection_audio(feats)
 
     def pc_features(self, feats: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         pos = self.pc_pos_table[coords.long()].flatten(-2)  # [B, P, 3 * (dv // 3)]
@@ -335,8 +348,9 @@ class Crema(nn.Module):
     def forward(self, inputs: CremaInputs, decoder_input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced T5 logits [B, L, vocab] for decoder_input_ids [B, L]."""
         embeds, mask = self.encode_inputs(inputs)
-        return self.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                   decoder_input_ids=decoder_input_ids).logits
+        with self._autocast("t5", embeds.device):
+            return self.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                       decoder_input_ids=decoder_input_ids).logits
 
     def generation_config(self, **overrides) -> HFGenerationConfig:
         g = self.cfg.generation
@@ -360,7 +374,8 @@ class Crema(nn.Module):
         gen = self.generation_config(**overrides)
         if self.cfg.downstream_task == "mcqa":
             return self._answer_mcqa(embeds, mask, gen)
-        out = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
+        with self._autocast("t5", embeds.device):
+            out = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
         answers = []
         for row in out:
             ids = _trim(row[1:])  # drop the decoder start token and any padding after EOS
@@ -371,7 +386,8 @@ class Crema(nn.Module):
         # CREMA takes `scores[1]` of a greedy generate (`scores[0]` when only one step exists),
         # which depends on the batch. Per sample this is: the second step's logits unless the
         # sample's first token was EOS (or max_new_tokens == 1), as a batch of one would give.
-        out = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
+        with self._autocast("t5", embeds.device):
+            out = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
         answers = []
         for i, row in enumerate(out.sequences):
             ids = _trim(row[1:])
@@ -379,6 +395,33 @@ class Crema(nn.Module):
             scores = out.scores[step][i, self.answer_ids]
             answers.append(Answer(ANSWER_LETTERS[int(scores.argmax())], ids, [float(s) for s in scores]))
         return answers
+
+
+# --- precision as CREMA ran inference -------------------------------------------------------------
+
+def crema_precision(model: Crema, device: str | torch.device = "cpu") -> Crema:
+    """Run `model` (in place; returned) on `device` with the precision of CREMA's inference.
+
+    CREMA (Yui010206/CREMA at HEAD, lavis/models/crema_models/crema.py):
+      * ViT and BEATs under autocast (fp16 on CUDA): l.435 and l.448
+        `with torch.cuda.amp.autocast(enabled=(self.device != torch.device("cpu"))):`
+        around `ln(encoder(input))` / `encoder(this_frame)`; the weights stay fp32 (every project yaml
+        sets `vit_precision: fp32`; with fp16 weights autocast would compute the same casts anyway).
+      * Q-Former, ln_m, t5_proj_m, projection_audio and the espresso fusion: fp32, no autocast
+        (l.454, l.566-570).
+      * T5: weights cast to bf16, l.114 `param.data = param.data.bfloat16()` (every parameter, `wo`
+        included), and run under bf16 autocast, l.700 `with torch.cuda.amp.autocast(dtype=torch.bfloat16):`.
+        Question and prefix embeddings therefore come out of bf16 weights (l.564, l.500).
+    On CPU (where CREMA's autocast is disabled and its code does not run) the encoders use bf16
+    autocast as well: fp16 autocast is slow or missing for CPU ops. T5's bf16 weight cast cannot be
+    undone; reload the model for fp32.
+    """
+    device = torch.device(device)
+    model.to(device)
+    model.language_model.to(torch.bfloat16)
+    model.stage_autocast = {"encoders": torch.float16 if device.type == "cuda" else torch.bfloat16,
+                            "t5": torch.bfloat16}
+    return model
 
 
 def _trim(ids) -> list[int]:

@@ -3,7 +3,8 @@
 Sources, merged into our module names (which mirror HF BLIP-2 for the frozen parts and CREMA's
 LAVIS names for the per-modality parts):
   * a HF BLIP-2 FlanT5 directory (`config.json`, `*.safetensors`, `tokenizer.json`): names kept;
-  * a CREMA LAVIS checkpoint (`.pth`, loaded with `weights_only=True`): renamed by `LAVIS_TO_OURS`;
+  * CREMA LAVIS checkpoints (`.pth`, loaded with `weights_only=True`): renamed by `LAVIS_TO_OURS`,
+    overlaid in order (`crema_pretrained.pth`, then a fine-tuned one holding trainable tensors only);
   * a BEATs checkpoint (`{"cfg", "model"}`) for audio: prefixed `audio_encoder.model.`;
   * our own checkpoint directory (`model.safetensors` + `config.json` + `tokenizer.json`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .beats import BEATS_CFG_FIELDS
-from .config import ALL_MODALITIES, AudioConfig, CremaConfig, QFormerConfig, T5Config, VisionConfig
+from .config import (ALL_MODALITIES, TASKS, AudioConfig, ConfigError, CremaConfig, QFormerConfig, T5Config,
+                     VisionConfig)
 from .lora import MultiLoRALinear
 from .model import Crema
 from .tokenizer import TextTokenizer
@@ -78,8 +81,10 @@ UNUSED_KEYS: list[tuple[str, str]] = [
     (r"^qformer\.embeddings\.", "Q-Former text embeddings (removed by CREMA)"),
     (r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.", "Q-Former text-path FFN (removed by CREMA)"),
     (r"^vision_model\.post_layernorm\.", "BLIP-2 ln_vision: CREMA uses ln_{modality} instead"),
+    (r"^ln_vision\.", "BLIP-2 ln_vision: CREMA uses ln_{modality} instead"),  # LAVIS name, in crema_*.pth
     (r"^query_tokens$", "BLIP-2 query tokens: CREMA uses query_tokens_{modality}"),
     (r"^language_projection\.", "BLIP-2 projection: CREMA uses t5_proj_{modality}"),
+    (r"^t5_proj\.(weight|bias)$", "BLIP-2 projection: CREMA uses t5_proj_{modality}"),  # LAVIS name
     (r"^visual_encoder\.norm\.", "ViT final norm (BLIP-2 drops it)"),
     (r"^audio_encoder\.model\.predictor\.", "BEATs classifier head (CREMA uses the features)"),
 ]
@@ -133,13 +138,14 @@ def ours_to_lavis(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class LoadReport:
     loaded: int = 0
     ignored: dict[str, str] = field(default_factory=dict)  # key -> reason
+    sources: dict[str, int] = field(default_factory=dict)  # source (file or directory) -> tensors loaded from it
 
     def summary(self) -> str:
         reasons: dict[str, int] = {}
         for r in self.ignored.values():
             reasons[r] = reasons.get(r, 0) + 1
-        lines = [f"loaded {self.loaded} tensors"] + [f"ignored {n} keys: {r}" for r, n in reasons.items()]
-        return "\n".join(lines)
+        lines = [f"loaded {self.loaded} tensors"] + [f"  {n} from {src}" for src, n in self.sources.items()]
+        return "\n".join(lines + [f"ignored {n} keys: {r}" for r, n in reasons.items()])
 
 
 def shared_parameter_names(model: nn.Module) -> list[list[str]]:
@@ -162,8 +168,13 @@ def _listing(keys: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_state(model: Crema, state: dict[str, torch.Tensor], strict: bool = True) -> LoadReport:
-    """Load `state` (our names) into `model`. Strict: refuse missing, unexpected or mis-shaped keys."""
+def load_state(model: Crema, state: dict[str, torch.Tensor], strict: bool = True,
+               origins: dict[str, str] | None = None) -> LoadReport:
+    """Load `state` (our names) into `model`. Strict: refuse missing, unexpected or mis-shaped keys.
+
+    origins: key -> the file it came from (`merge_sources`), named in shape errors and counted per source.
+    """
+    origins = dict(origins or {})
     expected = model.state_dict()
     state = dict(state)
     for group in shared_parameter_names(model):  # e.g. T5 embed_tokens = shared: one copy is enough
@@ -171,13 +182,16 @@ def load_state(model: Crema, state: dict[str, torch.Tensor], strict: bool = True
         for name in group:
             if present and name not in state:
                 state[name] = state[present[0]]
+                if present[0] in origins:
+                    origins[name] = origins[present[0]]
     report, accepted = LoadReport(), {}
     unexpected, mismatched = [], []
     configured = set(model.cfg.modality_names)
     for key, value in state.items():
         if key in expected:
             if tuple(value.shape) != tuple(expected[key].shape):
-                mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}")
+                mismatched.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}"
+                                  + (f" (in {_describe(key, origins[key])})" if key in origins else ""))
             else:
                 accepted[key] = value
             continue
@@ -202,7 +216,46 @@ def load_state(model: Crema, state: dict[str, torch.Tensor], strict: bool = True
         raise CheckpointError("refusing a partial or mismatched load:\n  " + "\n  ".join(problems))
     model.load_state_dict(accepted, strict=False)
     report.loaded = len(accepted)
+    for key in accepted:
+        if key in origins:
+            report.sources[origins[key]] = report.sources.get(origins[key], 0) + 1
     return report
+
+
+def _describe(key: str, origin: str) -> str:
+    """`origin`, with the tensor's LAVIS name where the origin is a CREMA `.pth` and the name differs."""
+    lavis = _rename(key, OURS_TO_LAVIS)
+    return f"{origin}, LAVIS key {lavis!r}" if origin.endswith((".pth", ".pt")) and lavis != key else origin
+
+
+def merge_sources(model: Crema, sources: Sequence[tuple[str, dict[str, torch.Tensor]]]
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Overlay state dicts (our names) in order, later sources winning, as CREMA's successive
+    `load_state_dict(strict=False)` calls do. Returns (state, origins: key -> source name).
+
+    A tensor the model uses that two sources give with different shapes is a CheckpointError naming
+    both. Keys the model does not use may differ (the last one is kept and reported as ignored):
+    CREMA's `{m}_gradsel_embed` width, for one, depends on the LoRA rank it was trained with. One
+    tied tensor (T5's shared / embed_tokens) supplied by a later source replaces all its names.
+    """
+    expected = model.state_dict()
+    groups = shared_parameter_names(model)
+    state: dict[str, torch.Tensor] = {}
+    origins: dict[str, str] = {}
+    for name, src in sources:
+        for key, value in src.items():
+            if key in state and key in expected and tuple(state[key].shape) != tuple(value.shape):
+                raise CheckpointError(
+                    f"{key}: shape {tuple(state[key].shape)} in {_describe(key, origins[key])}, but "
+                    f"{tuple(value.shape)} in {_describe(key, name)} (model: {tuple(expected[key].shape)})")
+        for group in groups:
+            if any(n in src for n in group):
+                for n in group:
+                    if n not in src and n in state:
+                        del state[n], origins[n]
+        state.update(src)
+        origins.update(dict.fromkeys(src, name))
+    return state, origins
 
 
 # --- random non-degenerate weights (DESIGN §4) -----------------------------------------------------
@@ -355,21 +408,124 @@ def config_from_blip2_dir(directory: str | Path, **crema_options) -> CremaConfig
     return CremaConfig(vision=vision, qformer=qformer, t5=t5, num_query_token=num_query_token, **crema_options)
 
 
-def load_pretrained(blip2_dir: str | Path, crema_ckpt: str | Path | None = None,
+CremaCheckpoints = str | Path | Sequence[str | Path] | None
+
+
+def load_pretrained(blip2_dir: str | Path, crema_ckpt: CremaCheckpoints = None,
                     beats_ckpt: str | Path | None = None, strict: bool = True,
                     **crema_options) -> tuple[Crema, LoadReport]:
-    """The real model: HF BLIP-2 FlanT5 directory + CREMA LAVIS checkpoint (+ BEATs for audio)."""
+    """The real model: HF BLIP-2 FlanT5 directory (+ BEATs for audio) + CREMA LAVIS checkpoints.
+
+    crema_ckpt: one path, or several applied in order, each overlaying the ones before, as CREMA
+    does: `crema_pretrained.pth` (its `model.finetuned`, loaded by `load_checkpoint_from_config`),
+    then a fine-tuned checkpoint (its `model.mmqa_ckpt`, `load_mmqa`); crema.py:853-854. A
+    fine-tuned file written by CREMA's runner holds trainable tensors only (runner_base.py:572-581),
+    so strictness (every model weight present, nothing unknown) applies to the merged sources only.
+    The frozen parts (ViT, T5, Q-Former base) come from `blip2_dir` and BEATs from `beats_ckpt`
+    unless a CREMA checkpoint carries them (CREMA's checkpoints load last and win there too).
+    """
     blip2_dir = Path(blip2_dir)
     cfg = config_from_blip2_dir(blip2_dir, **crema_options)
     model = Crema(cfg, TextTokenizer.from_file(blip2_dir))
-    state = read_safetensors_dir(blip2_dir)
-    if crema_ckpt is not None:
-        state.update(lavis_to_ours(read_lavis_checkpoint(crema_ckpt)))
+    sources = [(str(blip2_dir), read_safetensors_dir(blip2_dir))]
     if beats_ckpt is not None:
-        state.update(read_beats_checkpoint(beats_ckpt, cfg.audio))
+        sources.append((str(beats_ckpt), read_beats_checkpoint(beats_ckpt, cfg.audio)))
     elif "audio" in cfg.modality_names and strict:
         raise CheckpointError("audio is configured: pass the BEATs checkpoint (--beats-ckpt)")
-    return model, load_state(model, state, strict=strict)
+    if crema_ckpt is None:
+        crema_ckpt = []
+    elif isinstance(crema_ckpt, (str, Path)):
+        crema_ckpt = [crema_ckpt]
+    for path in crema_ckpt:
+        sources.append((str(path), lavis_to_ours(read_lavis_checkpoint(path))))
+    state, origins = merge_sources(model, sources)
+    return model, load_state(model, state, strict=strict, origins=origins)
+
+
+# --- CREMA's trainable tensors, and LAVIS-format checkpoints for tests -----------------------------
+
+_TRAINABLE = re.compile(r"\.w_[ab]_\w+\.weight$|^(query_tokens|t5_proj|ln)_\w+|^projection_audio\.|^fusion\.")
+
+
+def is_crema_trainable(key: str) -> bool:
+    """Whether CREMA trains the tensor `key` (our name), i.e. whether its fine-tuned checkpoints hold it.
+
+    Frozen (crema.py at HEAD): the ViT (l.88-89), BEATs (l.95-96), T5 (l.112-113) and the BLIP-2
+    Q-Former base (blip2.py:126-127, before the LoRA surgery). Trained: each modality's LoRA
+    `w_a_{m}` / `w_b_{m}` (blip2.py:147-150), `query_tokens_{m}`, `t5_proj_{m}`, `ln_{m}`
+    (crema.py:138-187), `projection_audio` (l.178) and the espresso `fusion` (l.192-196).
+    """
+    return bool(_TRAINABLE.search(key))
+
+
+def write_crema_checkpoint_pair(model: Crema, directory: str | Path, seed: int = 1) -> tuple[Path, Path]:
+    """Write what CREMA would load for `model`: (crema_pretrained.pth, a fine-tuned checkpoint).
+
+    Both are LAVIS-named `{"model": state_dict}` files (torch.save; tensors and plain containers only,
+    readable with `weights_only=True`). Loaded in this order over a BLIP-2 directory with `model`'s
+    frozen weights, they give `model`'s state exactly:
+      * pretrained: the Q-Former base and every trainable tensor, the trainable ones perturbed (what
+        fine-tuning then changes), plus what real files carry that the model does not use: BLIP-2's
+        `query_tokens`, `ln_vision.*`, `t5_proj.*`, `{m}_gradsel_embed` (crema.py:131-136),
+        `ln_pc.*` with pc (crema.py:187) and the Q-Former's `position_ids` buffer;
+      * fine-tuned: as CREMA's runner saves it (runner_base.py:572-588): trainable tensors (`model`'s
+        values) plus buffers (`position_ids`) and gradsel embeddings, with its optimizer, config,
+        scaler and epoch entries.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg, g = model.cfg, torch.Generator().manual_seed(seed)
+    aliases = {name for group in shared_parameter_names(model) for name in group[1:]}
+    ours = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in aliases}
+    trainable = {k: v for k, v in ours.items() if is_crema_trainable(k)}
+    qformer_base = {k: v for k, v in ours.items() if k.startswith("qformer.") and k not in trainable}
+    dq, dv, dt = cfg.qformer.hidden_size, cfg.feature_dim, cfg.t5.d_model
+    # crema.py:131: width = every rgb LoRA matrix of the Q-Former's attention (0 without rgb)
+    gsize = sum(v.numel() for k, v in trainable.items() if "attention" in k and "rgb" in k and v.dim() > 1)
+    extras = {f"{m}_gradsel_embed": torch.zeros(1, gsize) for m in cfg.modality_names}
+    extras["Qformer.bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+    if "pc" in cfg.modality_names:
+        extras.update({"ln_pc.weight": torch.ones(dv), "ln_pc.bias": torch.zeros(dv)})
+    blip2_leftovers = {"query_tokens": 0.02 * torch.randn(1, cfg.num_query_token, dq, generator=g),
+                       "ln_vision.weight": torch.ones(dv), "ln_vision.bias": torch.zeros(dv),
+                       "t5_proj.weight": 0.02 * torch.randn(dt, dq, generator=g), "t5_proj.bias": torch.zeros(dt)}
+    perturbed = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in trainable.items()}
+    pretrained = {**ours_to_lavis({**qformer_base, **perturbed}), **extras, **blip2_leftovers}
+    finetuned = {**ours_to_lavis(trainable), **extras}
+    paths = directory / "crema_pretrained.pth", directory / "checkpoint_best.pth"
+    torch.save({"model": pretrained}, paths[0])
+    torch.save({"model": finetuned, "optimizer": {"state": {}, "param_groups": [{"lr": 2e-4, "params": [0]}]},
+                "config": {"model": {"arch": "crema", "task": "espresso-concat-seq",
+                                     "modalities": "_".join(cfg.modalities)}},
+                "scaler": None, "epoch": 19}, paths[1])
+    return paths
+
+
+# --- CREMA's task names ---------------------------------------------------------------------------
+
+# CREMA's `task` string is read by substring: "espresso" adds the fusion (crema.py:192, 283-306),
+# "concat" (with espresso) concatenates the fused tokens after the frames (crema.py:309, 333, 360,
+# 609, 635, 661); "seq" (base_task.py:245), "gradsel" (base_task.py:252, 307), "gradsel-es" and
+# "gradsel-pred-es" (base_task.py:345, 352) only change training. Without "espresso" the modality
+# tokens are concatenated: CREMA's own defaults "concate" (crema.py:57), "train" (crema.py:823, the
+# eval yamls), "train_discriminator" (the train yamls).
+_CREMA_TASK = re.compile(r"^espresso(-concat)?(-seq)?(-gradsel(-pred)?(-es)?)?$")
+_CREMA_CONCAT_TASKS = ("train", "train_discriminator", "concate")
+
+
+def task_options(name: str) -> dict:
+    """CremaConfig options for a task name: ours (concat, espresso, espresso_concat) or CREMA's
+    (e.g. `espresso-concat-seq-gradsel-es` -> {"task": "espresso_concat"})."""
+    if name in TASKS:
+        return {"task": name}
+    if name in _CREMA_CONCAT_TASKS:
+        return {"task": "concat"}
+    m = _CREMA_TASK.match(name)
+    if m:
+        return {"task": "espresso_concat" if m.group(1) else "espresso"}
+    raise ConfigError(f"unknown task {name!r}: expected one of ours ({', '.join(TASKS)}) or CREMA's "
+                      f"({', '.join(_CREMA_CONCAT_TASKS)}, espresso[-concat][-seq][-gradsel[-pred][-es]], "
+                      "e.g. espresso-concat-seq)")
 
 
 def preset_model(cfg: CremaConfig, seed: int = 0) -> Crema:

@@ -24,6 +24,35 @@ from .text import QuestionTokenizer
 LETTERS = "ABCDE"
 
 
+class RequestStopped(Exception):
+    """The decode loop stopped early because `stop()` gave a reason (the client cancelled; a deadline passed)."""
+
+
+class Watched:
+    """A decoder (decoding.StepModel) whose every step first asks `stop()`: None goes on, a reason ends the
+    request (RequestStopped)."""
+
+    def __init__(self, model, stop):
+        self.model, self.stop, self.steps = model, stop, 0
+
+    def _check(self) -> None:
+        reason = self.stop()
+        if reason:
+            raise RequestStopped(f"{reason}; stopped after {self.steps} decoder steps")
+        self.steps += 1
+
+    def first(self) -> np.ndarray:
+        self._check()
+        return self.model.first()
+
+    def expand(self, n: int) -> None:
+        self.model.expand(n)
+
+    def step(self, tokens: np.ndarray, reorder: np.ndarray | None) -> np.ndarray:
+        self._check()
+        return self.model.step(tokens, reorder)
+
+
 class RequestError(ValueError):
     """A request the pipeline cannot answer; the message names the field."""
 
@@ -49,6 +78,7 @@ class Answer:
     text: str
     token_ids: list[int]
     option_scores: list[float] | None = None
+    question_tokens: tuple[int, int] | None = None  # (read, given): given > read when cut to max_txt_len
 
 
 class Stage:
@@ -273,8 +303,11 @@ class Pipeline:
     def answer(self, requests: list[Request], **overrides) -> list[Answer]:
         """overrides: as `generation`."""
         hidden, mask = self.encode(requests)
-        return decode_answers(self.stages, hidden, mask, self.generation(**overrides), self.tokenizer,
-                              self.answer_ids)
+        answers = decode_answers(self.stages, hidden, mask, self.generation(**overrides), self.tokenizer,
+                                 self.answer_ids)
+        for a, given in zip(answers, self.tokenizer.lengths([r.question for r in requests])):
+            a.question_tokens = (min(given, self.tokenizer.max_len), given)
+        return answers
 
 
 def check_requests(config: dict, requests: list[Request]) -> None:
@@ -355,13 +388,16 @@ def fuse_encode(stage, tokenizer: QuestionTokenizer, tokens: dict[str, np.ndarra
 
 
 def decode_answers(stages, hidden: np.ndarray, mask: np.ndarray, g: dict, tokenizer: QuestionTokenizer,
-                   answer_ids: list[int]) -> list[Answer]:
+                   answer_ids: list[int], stop=None) -> list[Answer]:
     """The decode loop over `stages["decoder_first"]` / `["decoder_step"]` (anything called like a
     Stage: the ORT sessions here, with the cache on their device; Triton BLS calls in triton_models/,
-    with a host cache: `cached_decoder`). g: `generation_settings`."""
+    with a host cache: `cached_decoder`). g: `generation_settings`.
+    stop: () -> None or a reason, asked before every decoder step (Watched); a reason raises RequestStopped."""
     if g["task"] == "mcqa" and not answer_ids:
         raise RequestError("task mcqa: these artifacts have no answer-letter token ids (re-export them)")
     model = cached_decoder(stages["decoder_first"], stages["decoder_step"], hidden, mask)
+    if stop is not None:
+        model = Watched(model, stop)
     if g["task"] == "mcqa":
         tokens, step_logits = decoding.greedy(model, g["max_new_tokens"], g["min_length"])
         scores = decoding.mcqa_scores(tokens, step_logits, answer_ids)

@@ -4,8 +4,9 @@
 `clean_question` is what every entry point (CLI, Triton) applies to a raw question: strict UTF-8,
 whitespace collapsed. Tokenization has the same behaviour as reference/tokenizer.py (parity tests
 check it): whitespace is collapsed there too, questions get </s> appended and are padded to the
-longest in the batch. Unlike CREMA, a question longer than the exported maximum is refused rather
-than silently cut.
+longest in the batch. A question longer than the exported maximum (max_txt_len, EOS included) is cut
+to its first max_txt_len - 1 tokens + EOS, as CREMA's tokenizer call (`truncation=True,
+max_length=max_txt_len`) cuts it; `lengths` tells callers how long it was, so answers can say so.
 """
 from __future__ import annotations
 
@@ -19,10 +20,6 @@ EOS_ID, PAD_ID = 1, 0
 
 class QuestionError(ValueError):
     """A question that cannot be asked (invalid UTF-8, empty); the message names the field."""
-
-
-class QuestionTooLong(QuestionError):
-    """More tokens than the exported maximum (max_txt_len)."""
 
 
 def normalize_whitespace(text: str) -> str:
@@ -64,15 +61,17 @@ class QuestionTokenizer:
         self.tok = Tokenizer.from_file(str(path))
         self.max_len = max_len
 
-    def encode(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """-> question_ids, question_mask: [B, L] int64, L = longest question + </s>."""
-        rows = []
+    def _ids(self, questions: list[str]) -> list[list[int]]:
         texts = [normalize_whitespace(q) for q in questions]
-        for i, enc in enumerate(self.tok.encode_batch(texts, add_special_tokens=False)):
-            if len(enc.ids) + 1 > self.max_len:
-                raise QuestionTooLong(f"questions[{i}]: {len(enc.ids) + 1} tokens, the exported maximum is "
-                                      f"{self.max_len} (max_txt_len)")
-            rows.append(enc.ids + [EOS_ID])
+        return [enc.ids for enc in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def lengths(self, questions: list[str]) -> list[int]:
+        """Each question's tokens with </s>, before any cut."""
+        return [len(ids) + 1 for ids in self._ids(questions)]
+
+    def encode(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """-> question_ids, question_mask: [B, L] int64, L = longest question + </s>, at most max_len."""
+        rows = [ids[: self.max_len - 1] + [EOS_ID] for ids in self._ids(questions)]
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), PAD_ID, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)

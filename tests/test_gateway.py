@@ -1,7 +1,8 @@
 """`crema gateway` with the official `openai` client, against the real gateway in front of the real
 front + Triton (the session's `served` fixture): answers equal Triton's own, streaming, usage, the model
 list, errors in OpenAI's shape (the gateway serving on after each), the deadline, and a disconnected
-client's call cancelled. Overhead measurement (opt-in): CREMA_GATEWAY_BENCH=N, docs/gateway.md.
+client's call cancelled, and two `crema serve` behind one gateway losing no request when one is killed.
+The overhead measurement: bench/bench_gateway.py.
 """
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
-import statistics
+import subprocess
+import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -37,7 +42,7 @@ def allowed(served, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(served, allowed):
-    settings = Settings(url=served["service"].endpoints.grpc_url, port=0, allow_dirs=[allowed],
+    settings = Settings(urls=[served["service"].endpoints.grpc_url], port=0, allow_dirs=[allowed],
                         tokenizer=served["artifacts"] / "tokenizer.json", max_media_bytes=MEDIA_LIMIT, timeout_s=120)
     with Gateway(settings) as g:
         yield g
@@ -162,7 +167,7 @@ def test_errors_in_openai_shape_and_the_gateway_serves_on(served, gateway, clien
 
 def test_body_limit_busy_and_deadline(served):
     q, files, request = demo(served)
-    small = Settings(url=served["service"].endpoints.grpc_url, port=0, timeout_s=0.001, max_body_bytes=1 << 20,
+    small = Settings(urls=[served["service"].endpoints.grpc_url], port=0, timeout_s=0.001, max_body_bytes=1 << 20,
                      max_concurrent=1)
     with Gateway(small) as g, openai.OpenAI(base_url=g.base_url, api_key="-", max_retries=0) as c:
         with pytest.raises(openai.APIStatusError) as e:  # the deadline: 504, in OpenAI's shape
@@ -179,7 +184,7 @@ def test_body_limit_busy_and_deadline(served):
             assert e.value.status_code == 429 and e.value.body["type"] == "rate_limit_error"
         wait_for(lambda: g.in_flight == 0)  # the abandoned request's handler is cancelled
         assert [m.id for m in c.models.list()] == ["crema"] and g.counts["busy"] == 1
-    nobody = Settings(url=f"127.0.0.1:{free_port('127.0.0.1')}", port=0)  # no server there: 503
+    nobody = Settings(urls=[f"127.0.0.1:{free_port('127.0.0.1')}"], port=0)  # no server there: 503
     with Gateway(nobody) as g, openai.OpenAI(base_url=g.base_url, api_key="-", max_retries=0) as c:
         with pytest.raises(openai.APIStatusError) as e:
             c.chat.completions.create(model="crema", **request)
@@ -224,35 +229,77 @@ def test_a_disconnected_client_cancels_its_call(served, gateway):
     assert gateway.counts == {**before, "cancelled": before["cancelled"] + 1} and front.counts == forwarded
 
 
-@pytest.mark.skipif(not os.environ.get("CREMA_GATEWAY_BENCH"), reason="a measurement: CREMA_GATEWAY_BENCH=N")
-def test_overhead(served, gateway, client):
-    """Median latency of N requests on one clip (video, depth, pc): the gateway through the openai client,
-    the gateway through plain HTTP (the JSON body encoded once, one keep-alive connection), and
-    tritonclient gRPC straight to `crema serve` (CremaClient); interleaved, after one warm-up each."""
-    import http.client
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (from /proc): `crema serve` starts Triton in a session of its own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
-    n = int(os.environ["CREMA_GATEWAY_BENCH"])
-    q, files, request = demo(served)
-    tensors = tensors_from_files(q.question, video=files["video"], pc=files["pc"], depth=files["depth"])
-    body = json.dumps({"model": "crema", "messages": request["messages"], **request["extra_body"]}).encode()
-    times = {"openai": [], "http": [], "grpc": []}
-    plain = http.client.HTTPConnection("127.0.0.1", gateway.port)
-    with CremaClient(served["service"].endpoints.grpc_url, "grpc") as triton:
-        for i in range(n + 1):
-            t0 = time.perf_counter()
-            a = client.chat.completions.create(model="crema", **request).choices[0].message.content
-            t1 = time.perf_counter()
-            plain.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-            b = json.loads(plain.getresponse().read())["choices"][0]["message"]["content"]
-            t2 = time.perf_counter()
-            c = triton.infer(tensors).answer
-            t3 = time.perf_counter()
-            assert a == b == c
-            if i:
-                for k, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-                    times[k].append(t)
-    plain.close()
-    m = {k: statistics.median(v) * 1000 for k, v in times.items()}
-    print(f"\nmedian of {n}: gateway via openai {m['openai']:.1f} ms, via plain HTTP {m['http']:.1f} ms, direct gRPC "
-          f"{m['grpc']:.1f} ms; overhead {m['openai'] - m['grpc']:.1f} ms ({m['http'] - m['grpc']:.1f} ms without "
-          f"the openai client's own cost); request body {len(body)} bytes")
+
+def test_two_servers_and_a_kill_lose_no_request_issued_after_it(served):
+    """Issue 15 item 5: the session's `crema serve` and a second one (a process of its own) behind one gateway,
+    four clients asking without pause; the second server and everything it started are killed (SIGKILL, as a
+    lost machine) mid-load. Every request issued after the kill is answered, and answered right; a request
+    in flight at the kill is answered (retried on the other server) or gets 503 saying to retry."""
+    http, grpc_port, metrics = free_port("127.0.0.1"), free_port("127.0.0.1"), free_port("127.0.0.1")
+    second = subprocess.Popen([sys.executable, "-m", "crema.cli", "serve", "--repo", str(served["repo"]), "--http-port",
+                               str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in second.stdout:
+            if line.startswith("ready:"):
+                break
+        assert second.poll() is None, "the second server did not start"
+        q, files, request = demo(served)
+        want = direct(served, q.question, files)
+        settings = Settings(urls=[served["service"].endpoints.grpc_url, f"127.0.0.1:{grpc_port}"], port=0,
+                            timeout_s=120)
+        results: list[tuple[float, float, str | None, Exception | None]] = []  # (issued, answered, answer, error)
+        stop = threading.Event()
+        with Gateway(settings) as g:
+            def ask():
+                with openai.OpenAI(base_url=g.base_url, api_key="-", max_retries=0, timeout=120) as c:
+                    while not stop.is_set():
+                        issued = time.monotonic()
+                        try:
+                            answer = c.chat.completions.create(model="crema", **request).choices[0].message.content
+                            results.append((issued, time.monotonic(), answer, None))
+                        except openai.APIError as e:
+                            results.append((issued, time.monotonic(), None, e))
+            clients = [threading.Thread(target=ask) for _ in range(4)]
+            for t in clients:
+                t.start()
+            try:
+                wait_for(lambda: len(results) >= 12, 120)  # round-robin: half of them answered by the second
+                victims = [second.pid, *descendants(second.pid)]
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+                killed = time.monotonic()
+                wait_for(lambda: sum(r[0] > killed for r in results) >= 24, 120)
+            finally:
+                stop.set()
+                for t in clients:
+                    t.join(150)
+            retried = g.counts["retried"]
+    finally:
+        if second.poll() is None:
+            second.kill()
+    after = [r for r in results if r[0] > killed]
+    assert all(answer == want for _, _, answer, _ in after), [e for *_, e in after if e]
+    for issued, answered, answer, error in results:
+        if error is not None:
+            assert issued <= killed < answered and error.status_code == 503 and "retry" in str(error), error
+        else:
+            assert answer == want
+    assert retried >= 1  # the first call to the dead server after the kill was retried on the live one
+    assert len(victims) >= 2  # crema serve and its tritonserver (and the stubs)

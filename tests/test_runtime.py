@@ -12,7 +12,6 @@ from export.onnx_export import export_artifacts
 from export.parity import random_inputs, to_requests
 from runtime.artifacts import ArtifactError, Artifacts
 from runtime.pipeline import Pipeline, Request, RequestError
-from runtime.text import QuestionTooLong
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +98,28 @@ def test_bad_requests_are_named(exported):
         pipeline.answer([Request(good.question, frames={**good.frames, "rgb": np.zeros((3, 3, 56, 56), np.float32)})])
     with pytest.raises(RequestError, match="empty question"):
         pipeline.answer([Request(" ", frames=good.frames)])
-    with pytest.raises(QuestionTooLong, match=r"questions\[0\]: \d+ tokens, the exported maximum is 32"):
-        pipeline.answer([Request("what is it " * 40, frames=good.frames)])
     nan = {**good.frames, "rgb": good.frames["rgb"].copy()}
     nan["rgb"][0, 0, 0, 0] = np.nan
     with pytest.raises(RequestError, match="NaN"):
         pipeline.answer([Request(good.question, frames=nan)])
     assert pipeline.answer([good])[0].text  # still answers after bad requests
+
+
+def test_a_long_question_is_cut_as_crema_cuts_it_and_the_answer_says_so(exported):
+    """CREMA tokenizes with truncation=True, max_length=max_txt_len: the first max_txt_len - 1 tokens + </s>.
+    The answer equals the one to the question cut by hand, and reports (read, given) tokens."""
+    model, art = exported
+    pipeline = Pipeline(art)
+    good = to_requests(random_inputs(model.cfg, batch=1))[0]
+    long = "what is it " * 40
+    given = pipeline.tokenizer.lengths([long])[0]
+    assert given > model.cfg.max_txt_len
+    cut = pipeline.tokenizer.tok.decode(pipeline.tokenizer.tok.encode(long, add_special_tokens=False).ids[:31])
+    a, b = (pipeline.answer([Request(q, frames=good.frames)])[0] for q in (long, cut))
+    assert a.question_tokens == (32, given) and b.question_tokens == (32, 32)
+    assert a.token_ids == b.token_ids
+    ids, mask = model.tokenizer.encode([long], max_len=model.cfg.max_txt_len)  # the reference cuts alike
+    np.testing.assert_array_equal(ids, pipeline.tokenizer.encode([long])[0])
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from runtime.files import NPY_MAGIC, InputFileError, read_bytes, read_npy, read_points
 
-from .layout import ENSEMBLE
+from .layout import ANSWER_NAMES, ENSEMBLE
 
 PROTOCOLS = ("http", "grpc")
 DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(np.int32): "INT32",
@@ -37,6 +37,7 @@ class AskResult:
     answer: str
     option_scores: list[float]
     seconds: float
+    question_tokens: tuple[int, int] | None = None  # (read, given): given > read when cut to max_txt_len
 
 
 def _module(protocol: str):
@@ -138,7 +139,7 @@ class CremaClient:
             tensor = self.module.InferInput(name, list(x.shape), DATATYPES[x.dtype])
             tensor.set_data_from_numpy(x)
             inputs.append(tensor)
-        outputs = [self.module.InferRequestedOutput(n) for n in ("answer", "option_scores")]
+        outputs = [self.module.InferRequestedOutput(n) for n in ANSWER_NAMES]
         start = time.perf_counter()
         try:
             if self.protocol == "grpc":
@@ -154,7 +155,8 @@ class CremaClient:
             raise AskError(f"the server refused the request: {message}") from e
         seconds = time.perf_counter() - start
         return AskResult(result.as_numpy("answer").reshape(-1)[0].decode(),
-                         [float(x) for x in result.as_numpy("option_scores")], seconds)
+                         [float(x) for x in result.as_numpy("option_scores")], seconds,
+                         tuple(int(x) for x in result.as_numpy("question_tokens")))
 
     def frame_shapes(self) -> dict[str, tuple[int, int]]:
         """Modality -> (frames, image size) of the served model's `{m}_frames` inputs, from its metadata."""

@@ -19,6 +19,13 @@ well-formed, and answers the rest itself:
   read-only    health, metadata, model config and statistics are forwarded
   closed       model repository (load/unload/upload), shared memory, trace and log settings:
                refused (403 / PERMISSION_DENIED); gRPC streaming is not offered
+  deadlines    each forwarded inference gets a deadline: the client's (gRPC deadline, or the KServe
+               `timeout` parameter in microseconds), at most `timeout_s`. Triton gets it twice: as the
+               `timeout` parameter (its queue policies reject a request still queued at its deadline)
+               and as `crema_deadline_ms` (the llm model's decode loop stops there). Triton 2.51 does
+               not flag a cancellation inside a running python model, so this is what bounds the work
+               of a request whose client has gone: its queued steps are dropped on cancellation, its
+               running decode stops at the deadline
   failures     when the supervisor reports a dead model process or server, every request in
                flight is answered at once (503 / UNAVAILABLE, "retry"); while it repairs, new
                requests get the same answer instead of waiting
@@ -30,6 +37,7 @@ import asyncio
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -37,6 +45,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from tritonclient.grpc import service_pb2
 
 from .contract import Contract, RequestRejected, TensorClaim, count_json_values
+from .layout import DEADLINE_PARAMETER
 from .loop import LoopThread
 from .server import GRPC_KEY_HEADER, KEY_HEADER, TritonServer
 
@@ -81,6 +90,24 @@ class Unreachable(Exception):
 
 
 VERDICT_WAIT_S = 2.0  # how long an unanswered request waits for the supervisor to say why
+
+
+def deadline_s(limit_s: float, client_timeout_us=None, remaining_s: float | None = None) -> float:
+    """Seconds this request may take: the least of the front's limit, the client's `timeout` parameter
+    (microseconds, KServe/Triton's) and its gRPC deadline's remaining time."""
+    out = limit_s
+    if client_timeout_us is not None:
+        if isinstance(client_timeout_us, bool) or not isinstance(client_timeout_us, int) or client_timeout_us <= 0:
+            raise RequestRejected(f"parameter timeout {client_timeout_us!r}: expected a positive integer (microseconds)")
+        out = min(out, client_timeout_us / 1e6)
+    if remaining_s is not None:
+        out = min(out, remaining_s)
+    return max(out, 0.0)
+
+
+def deadline_parameters(seconds: float) -> dict[str, int]:
+    """The parameters Triton gets for a request that may take `seconds` from now."""
+    return {"timeout": max(1, int(seconds * 1e6)), DEADLINE_PARAMETER: int((time.time() + seconds) * 1000)}
 
 
 # --- requests -> claims --------------------------------------------------------------------------
@@ -249,8 +276,8 @@ class Front(LoopThread):
             raise Failure(503, f"the server is busy ({self.limits.max_in_flight} requests in flight, "
                                f"{self._waiting} waiting); retry shortly")
 
-    async def _guarded(self, forward):
-        """Run `forward()` within the in-flight limit; a reported failure or the time-out answers first."""
+    async def _guarded(self, forward, timeout_s: float):
+        """Run `forward()` within the in-flight limit; a reported failure or the deadline answers first."""
         self._admit()
         self._waiting += 1
         try:
@@ -265,8 +292,7 @@ class Front(LoopThread):
         self._in_flight.add(abort)
         task = asyncio.ensure_future(forward())
         try:
-            done, _ = await asyncio.wait({task, abort}, timeout=self.limits.timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({task, abort}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
             if task in done:
                 result = task.result()
                 self.counts["forwarded"] += 1
@@ -274,7 +300,7 @@ class Front(LoopThread):
             task.cancel()
             if abort in done:
                 raise self._aborted(abort.result())
-            raise Failure(504, f"no answer within {self.limits.timeout_s:.0f} s")
+            raise Failure(504, f"no answer within the request's deadline ({timeout_s:.3g} s)")
         except Unreachable as e:  # the connection broke first: the supervisor will say why
             try:
                 reason = await asyncio.wait_for(asyncio.shield(abort), VERDICT_WAIT_S)
@@ -341,11 +367,16 @@ class Front(LoopThread):
         self._admit()
         parsed = parse_http(await self._read_body(request), request.headers.get(HEADER_LENGTH), self.limits)
         self.contract.check(*http_claims(parsed))
-        body, header_length = parsed.body()  # what was checked is what Triton gets
+        params = parsed.json.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RequestRejected("the request's parameters must be a JSON object")
+        seconds = deadline_s(self.limits.timeout_s, params.get("timeout"))
+        parsed.json["parameters"] = {**params, **deadline_parameters(seconds)}
+        body, header_length = parsed.body()  # what was checked (and the deadline) is what Triton gets
         headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
-        return await self._guarded(lambda: self._forward_http("POST", request.path, body, headers))
+        return await self._guarded(lambda: self._forward_http("POST", request.path, body, headers), seconds)
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The body, read outside the forwarding slots (a slow client must not hold one) within
@@ -391,10 +422,10 @@ class Front(LoopThread):
             self._channel = (port, grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options))
         return self._channel[1]
 
-    async def grpc_forward(self, method: str, raw: bytes, context) -> bytes:
+    async def grpc_forward(self, method: str, raw: bytes, context, timeout_s: float | None = None) -> bytes:
         call = self._internal_channel().unary_unary(GRPC_SERVICE + method)
         try:
-            return await call(raw, metadata=((GRPC_KEY_HEADER, self.server.key),))
+            return await call(raw, metadata=((GRPC_KEY_HEADER, self.server.key),), timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE and "restricted" not in (e.details() or ""):
                 raise Unreachable(e.details() or "unavailable") from e
@@ -406,8 +437,12 @@ class Front(LoopThread):
             self._check_model(request.model_name)
             claims, outputs = grpc_claims(request)
             self.contract.check(claims, outputs)
-            checked = request.SerializeToString()  # what was checked is what Triton gets
-            return await self._guarded(lambda: self.grpc_forward("ModelInfer", checked, context))
+            timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else None
+            seconds = deadline_s(self.limits.timeout_s, timeout, context.time_remaining())
+            for key, value in deadline_parameters(seconds).items():
+                request.parameters[key].int64_param = value
+            checked = request.SerializeToString()  # what was checked (and the deadline) is what Triton gets
+            return await self._guarded(lambda: self.grpc_forward("ModelInfer", checked, context, seconds), seconds)
         except RequestRejected as e:
             self.counts["rejected"] += 1
             await context.abort(GRPC_STATUS[e.status], str(e))

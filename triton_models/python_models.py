@@ -19,6 +19,7 @@ Only importable inside Triton's python backend stub (triton_python_backend_utils
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +27,14 @@ import triton_python_backend_utils as pb_utils
 
 from runtime.artifacts import TOKENIZER
 from runtime.inputs import request_from_files
-from runtime.pipeline import (RequestError, Stage, check_inputs, decode_answers, execution_providers, fuse_encode,
-                              generation_settings, session_options)
+from runtime.pipeline import (RequestError, RequestStopped, Stage, check_inputs, decode_answers, execution_providers,
+                              fuse_encode, generation_settings, session_options)
 from runtime.modalities import ExportedDepthEstimator
 from runtime.specs import VISUAL, StageSpec, depth_estimator_spec, modality_names, stage_specs
 from runtime.text import QuestionTokenizer, clean_question
 
 from .cache import ResponseCache
-from .layout import LLM_STAGES, MODEL_INFO, TASK_INPUTS
+from .layout import DEADLINE_PARAMETER, LLM_STAGES, MODEL_INFO, TASK_INPUTS
 
 MAX_QUESTION_BYTES = 4096
 RAW_INPUTS = ("video", "depth", "audio", "pc_feat", "pc_coords")
@@ -69,6 +70,8 @@ def _blob(x: np.ndarray | None) -> bytes | None:
 
 
 def _response(outputs: dict | Exception):
+    if isinstance(outputs, RequestStopped):  # past its deadline, or cancelled
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outputs), pb_utils.TritonError.CANCELLED))
     if isinstance(outputs, ValueError):  # ours: RequestError, ModalityError, VideoError, AudioError, ...
         # INVALID_ARG: the client's request was at fault (HTTP 400 / gRPC INVALID_ARGUMENT, not 500)
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(outputs), pb_utils.TritonError.INVALID_ARG))
@@ -201,6 +204,26 @@ class BlsStage:
         return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in self.spec.output_names}
 
 
+class Watchdog:
+    """stop() for the decode loop, asked before every decoder step: the request's deadline passed (the
+    `crema_deadline_ms` parameter the front sets; Triton passes it through the ensemble), or the request
+    was cancelled (Triton 2.51 flags this only on requests not yet running, but later versions may).
+    Counts the steps it allowed."""
+
+    def __init__(self, request):
+        self.request, self.steps = request, 0
+        deadline = json.loads(request.parameters() or "{}").get(DEADLINE_PARAMETER)
+        self.deadline_s = deadline / 1000 if isinstance(deadline, int) else None
+
+    def __call__(self) -> str | None:
+        if self.deadline_s is not None and time.time() > self.deadline_s:
+            return "the request's deadline passed"
+        if self.request.is_cancelled():
+            return "the request was cancelled"
+        self.steps += 1
+        return None
+
+
 class LlmModel:
     def initialize(self, args: dict) -> None:
         version, info = _model_info(args)
@@ -214,6 +237,13 @@ class LlmModel:
         else:
             self.stages = {n: BlsStage(specs[n]) for n in LLM_STAGES}
         self.tokenizer = QuestionTokenizer(version / TOKENIZER, self.config["max_txt_len"])
+        labels = {"model": args["model_name"]}
+        self.metric_families = [pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
+                                for name, text in (("crema_decoder_steps_total", "decoder steps run (first included)"),
+                                                   ("crema_requests_stopped_total",
+                                                    "requests whose decode loop stopped early: cancelled by "
+                                                    "their client or past their gRPC deadline"))]
+        self.steps, self.stopped = (f.Metric(labels) for f in self.metric_families)
 
     def execute(self, requests: list) -> list:
         return _respond(requests, self.answer)
@@ -242,8 +272,18 @@ class LlmModel:
         overrides = {k: (_blob(v).decode(errors="replace") if v.dtype == object else int(v.reshape(-1)[0]))
                      for k, v in options.items() if v is not None}
         g = generation_settings(self.config, **overrides)
-        hidden, mask = fuse_encode(self.stages["fuse_encode"], self.tokenizer, self.tokens(r), [self.question(r)])
-        answer = decode_answers(self.stages, hidden, mask, g, self.tokenizer, self.answer_ids)[0]
+        stop = Watchdog(r)
+        question = self.question(r)
+        hidden, mask = fuse_encode(self.stages["fuse_encode"], self.tokenizer, self.tokens(r), [question])
+        try:
+            answer = decode_answers(self.stages, hidden, mask, g, self.tokenizer, self.answer_ids, stop)[0]
+        except RequestStopped:
+            self.stopped.increment(1)
+            raise
+        finally:
+            self.steps.increment(stop.steps)
+        given = self.tokenizer.lengths([question])[0]
         return {"answer": np.array([answer.text.encode()], dtype=object),
-                "option_scores": np.array(answer.option_scores or [], dtype=np.float32)}
+                "option_scores": np.array(answer.option_scores or [], dtype=np.float32),
+                "question_tokens": np.array([min(given, self.tokenizer.max_len), given], dtype=np.int32)}
 

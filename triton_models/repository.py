@@ -36,7 +36,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from runtime.artifacts import TOKENIZER, ArtifactError, Artifacts
 from runtime.specs import VISUAL, StageSpec, TensorSpec
 
-from .layout import ANSWER_OUTPUTS, ENSEMBLE, LLM, LLM_STAGES, MODEL_INFO, PREPROCESS, TASK_INPUTS
+from .layout import (ANSWER_OUTPUTS, ENSEMBLE, LLM, LLM_STAGES, MAX_QUEUE, MODEL_INFO, PREPROCESS, QUEUE_TIMEOUT_MS,
+                     TASK_INPUTS)
 
 FLAVOURS = ("python", "native")
 DEVICES = ("cpu", "gpu")  # where the python flavour's stage and llm models run (ONNX Runtime's CPU or CUDA provider)
@@ -85,6 +86,19 @@ def stage_config(spec: StageSpec, flavour: str, cache_bytes: int, instances: int
     else:
         _instances(cfg, instances, mc.ModelInstanceGroup.KIND_AUTO)  # the GPU when the server has one
     return cfg
+
+
+def queue_policy(cfg: mc.ModelConfig, timeout_ms: int, max_queue: int) -> None:
+    """A request waits in this model's queue at most `timeout_ms` (0: no limit), and at most `max_queue`
+    wait (0: no limit); beyond either it is rejected with an error (UNAVAILABLE: "exceeds maximum queue
+    size" / "timeout") instead of holding memory and a client for ever. A client's own timeout (the
+    KServe `timeout` request parameter, in microseconds) may shorten it. Triton applies queue policies
+    through its dynamic batcher: unbatched models (max_batch_size 0) get one too, which only queues."""
+    policy = cfg.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = timeout_ms * 1000
+    policy.allow_timeout_override = True
+    policy.max_queue_size = max_queue
 
 
 def python_device(cfg: mc.ModelConfig, instances: int, device: str) -> None:
@@ -198,7 +212,8 @@ def _python_model(directory: Path, cls: str, info: dict) -> None:
 
 def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "python", precision: str = "fp32",
                         instances: int = 1, max_input_mb: int = 64, trt_engines: str | Path | None = None,
-                        cores: int | None = None, cache_mb: int = 64, device: str = "cpu") -> Path:
+                        cores: int | None = None, cache_mb: int = 64, device: str = "cpu",
+                        queue_timeout_ms: int = QUEUE_TIMEOUT_MS, max_queue: int = MAX_QUEUE) -> Path:
     """Write the repository (atomically: a temp folder renamed into place); returns its path.
 
     trt_engines: native flavour only, a folder of `{stage}.plan` (crema build-trt); those stages
@@ -207,7 +222,8 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
     rate limiter), so concurrent requests do not run several multi-threaded stages at once.
     cache_mb: each encoder model's response cache (per instance; 0 = none).
     device: python flavour: "gpu" runs the stage models and the llm model (its device-resident decode
-    loop) on the server's GPUs with ONNX Runtime's CUDA provider (needs onnxruntime-gpu beside Triton)."""
+    loop) on the server's GPUs with ONNX Runtime's CUDA provider (needs onnxruntime-gpu beside Triton).
+    queue_timeout_ms, max_queue: every model's queue policy (`queue_policy`)."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour {flavour!r}: expected one of {', '.join(FLAVOURS)}")
     if trt_engines and flavour != "native":
@@ -219,7 +235,8 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(tmp, art, flavour, precision, instances, max_input_mb, trt_engines, cores, cache_mb << 20, device)
+        _write(tmp, art, flavour, precision, instances, max_input_mb, trt_engines, cores, cache_mb << 20, device,
+               (queue_timeout_ms, max_queue))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -229,7 +246,7 @@ def generate_repository(artifacts: str | Path, out: str | Path, flavour: str = "
 
 
 def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: int, max_input_mb: int,
-           trt_engines, cores: int | None, cache_bytes: int, device: str) -> None:
+           trt_engines, cores: int | None, cache_bytes: int, device: str, queue: tuple[int, int]) -> None:
     config, names = art.config, art.modalities
     encoders = {"vision", "audio_encoder"} | {f"mmqa_{m}" for m in names}
     # python flavour: the llm model runs the LLM stages in its own process (a BLS hop per decode
@@ -276,11 +293,14 @@ def _write(tmp: Path, art: Artifacts, flavour: str, precision: str, instances: i
     if cores:  # Triton's rate limiter: instances run only while `cores` CPU cores are free for them
         for cfg in configs.values():
             cfg.instance_group[0].rate_limiter.resources.add(name="cpu", count=cores)
+    for cfg in configs.values():
+        queue_policy(cfg, *queue)
     configs[ENSEMBLE] = ensemble_config(config, names)
     (tmp / ENSEMBLE / "1").mkdir(parents=True)
     for name, cfg in configs.items():
         write_config(tmp / name, cfg)
     (tmp / MODEL_INFO).write_text(json.dumps({"flavour": flavour, "precision": precision, "device": device,
+                                              "queue_timeout_ms": queue[0], "max_queue": queue[1],
                                               "artifacts": str(art.dir),
                                               "source": art.manifest["source"], "modalities": names,
                                               "rate_limit_cores": cores}, indent=2))

@@ -1,0 +1,211 @@
+"""`crema evaluate`: a dataset's official annotations asked through one backend, with the paper's metrics.
+
+    crema evaluate --dataset nextqa --annotations val.json --media videos/ --out eval/ --artifacts A
+    crema evaluate --dataset music-avqa ... --url 127.0.0.1:8001 --protocol grpc     (Triton, `crema serve`)
+    crema evaluate --dataset sqa3d ... --blip2-dir B --crema-ckpt P --crema-ckpt F   (the PyTorch reference)
+
+Each item is asked as CREMA asks it (runtime/datasets.py): its prompt template, its generation settings
+(NExT-QA: mcqa scoring of the option letters; MUSIC-AVQA and SQA3D: beam search), SQA3D's 5000 points.
+Answers go to OUT/predictions.jsonl one line at a time (evaluation/runner.py: an interrupted run resumes
+where it stopped); the metrics to OUT/metrics.json and OUT/metrics.md. The synthetic task asks its
+questions as they are, with the model's own settings.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from evaluation.annotations import Item, load_annotations
+from evaluation.media import load_points, resolve_media
+from evaluation.runner import evaluate
+from runtime.datasets import DATASETS, crema_points, music_avqa_prompt, nextqa_prompt, sqa3d_prompt
+
+DATASET_NAMES = ("nextqa", "music-avqa", "sqa3d", "synthetic")
+
+
+def prompt(item: Item) -> str:
+    """The text the model reads for `item`: CREMA's prompt for its dataset."""
+    if item.dataset == "nextqa":
+        return nextqa_prompt(item.question, item.options)
+    if item.dataset == "music-avqa":
+        return music_avqa_prompt(item.extra["template"], item.extra["templ_values"])
+    if item.dataset == "sqa3d":
+        return sqa3d_prompt(item.extra["situation"], item.question)
+    return item.question
+
+
+def generation(dataset: str) -> dict:
+    """Request options of CREMA's evaluation of `dataset` (the model's own for the synthetic task)."""
+    if dataset not in DATASETS:
+        return {}
+    p = DATASETS[dataset]
+    return {"task": p.downstream_task, "num_beams": p.num_beams, "max_new_tokens": p.max_new_tokens}
+
+
+def inputs(item: Item, media_root: Path, modalities: list[str]) -> dict:
+    """request_from_files' keyword arguments for `item` (video, depth, audio, pc as (feat, coords), frames)."""
+    found = resolve_media(item, media_root)
+    out: dict = {"frames": {}}
+    video = found.get("video")
+    if video is not None and video.is_dir():  # CREMA's frame folders (NExT-QA)
+        out["frames"]["rgb"] = video
+    elif video is not None:
+        out["video"] = video
+    elif "frames" in found:  # SQA3D: CREMA's frame folder of the scene
+        out["frames"]["rgb"] = found["frames"]
+    for m in ("depth", "flow", "norm"):
+        if m in found and m in modalities and item.dataset == "nextqa":
+            out["frames"][m] = found[m]
+    if item.dataset == "synthetic":
+        out.update({k: found[k] for k in ("depth", "audio") if k in found})
+    if "pc_feat" in found:
+        raise ValueError(f"item {item.id!r}: 3D-LLM's .pt features need torch: convert them to .npz "
+                         f"(feat, coords) under {media_root}/pc/ first (docs/reproduce.md)")
+    if "pc" in found and "pc" in modalities:
+        feat, coords = load_points(found["pc"])
+        if item.dataset == "sqa3d":  # CREMA always feeds 5000 points (padding at voxel (0,0,0), attended)
+            feat, coords, _ = crema_points(feat, coords)
+        out["pc"] = (feat.astype(np.float32), coords.astype(np.int64))
+    return out
+
+
+class RuntimeBackend:
+    """The torch-free ONNX Runtime pipeline over an artifact directory."""
+
+    def __init__(self, artifacts, precision: str = "fp32", providers=None, threads: int | None = None):
+        from runtime.pipeline import Pipeline
+        self.pipeline = Pipeline(artifacts, precision=precision, providers=providers, threads=threads)
+        self.config = self.pipeline.config
+
+    def __call__(self, question: str, files: dict, options: dict) -> dict:
+        from runtime.inputs import request_from_files
+        request = request_from_files(self.config, question, depth_model=self.pipeline.depth_estimator
+                                     if files.get("depth") is None else None, **files)
+        answer = self.pipeline.answer([request], **options)[0]
+        return {"prediction": answer.text, "question_tokens": list(answer.question_tokens)}
+
+
+class TritonBackend:
+    """The `crema` ensemble of a Triton server (`crema serve`), over HTTP or gRPC."""
+
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 300.0):
+        from triton_models.client import CremaClient
+        self.client = CremaClient(url, protocol, timeout_s=timeout_s)
+        self.shapes = self.client.frame_shapes()
+        self.config = None
+
+    def __call__(self, question: str, files: dict, options: dict) -> dict:
+        from triton_models.client import request_tensors, tensors_from_files
+        files = dict(files)
+        pc = files.pop("pc", None)
+        frames = files.pop("frames")
+        tensors = tensors_from_files(question, frames=frames, frame_shapes=self.shapes, **files, **options)
+        if pc is not None:
+            tensors.update(request_tensors(question, pc_feat=pc[0], pc_coords=pc[1]))
+        result = self.client.infer(tensors)
+        return {"prediction": result.answer, "question_tokens": list(result.question_tokens)}
+
+
+class ReferenceBackend:
+    """The PyTorch reference model (reference.model.Crema)."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.cfg.to_dict()
+
+    def __call__(self, question: str, files: dict, options: dict) -> dict:
+        import torch
+
+        from reference.model import CremaInputs
+        from runtime.inputs import request_from_files
+        r = request_from_files(self.config, question, **files)
+        batch = lambda x: None if x is None else torch.from_numpy(x)[None]  # noqa: E731
+        inputs = CremaInputs([r.question], {m: batch(x) for m, x in r.frames.items()}, batch(r.audio),
+                             batch(r.pc_feat), batch(r.pc_coords))
+        if options.get("task", self.model.cfg.downstream_task) != self.model.cfg.downstream_task:
+            raise ValueError(f"task {options['task']}: load the reference with --downstream {options['task']}")
+        settings = {k: options[k] for k in ("num_beams", "max_new_tokens") if k in options}
+        return {"prediction": self.model.generate(inputs, **settings)[0].text}
+
+
+def run(dataset: str, annotations, media, out, backend, modalities: list[str], progress: bool = True,
+        limit: int | None = None) -> dict:
+    """Evaluate `backend` on the annotations; writes OUT/predictions.jsonl, metrics.json, metrics.md."""
+    items = load_annotations(dataset, annotations)[:limit]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    options, media = generation(dataset), Path(media)
+
+    def answer(item: Item) -> dict:
+        return backend(prompt(item), inputs(item, media, modalities), options)
+
+    result = evaluate(items, answer, out / "predictions.jsonl", progress=progress)
+    (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2) + "\n")
+    (out / "metrics.md").write_text(result["table"] + "\n")
+    return result
+
+
+def add_evaluate(sub, model_args, usage_error) -> None:
+    p = sub.add_parser("evaluate", help="ask a dataset's official annotations through one backend (ONNX Runtime, "
+                                        "Triton or the PyTorch reference) and report CREMA's metrics")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    p.add_argument("--annotations", type=Path, required=True,
+                   help="nextqa: SeViLA's json; music-avqa: json_update; sqa3d: 3D-LLM's; synthetic: questions.jsonl")
+    p.add_argument("--media", type=Path, required=True, help="the media root (docs/reproduce.md: layouts)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="predictions.jsonl (resumed when it exists), metrics.json, metrics.md")
+    p.add_argument("--limit", type=int, help="the first N items only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    b = p.add_argument_group("backend (one of --artifacts, --url, or a model source for the reference)")
+    b.add_argument("--artifacts", type=Path, help="ONNX Runtime over an artifact directory")
+    b.add_argument("--precision", default="fp32", help="with --artifacts: fp32 | int8 | mixed | fp16")
+    b.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"])
+    b.add_argument("--url", help="Triton (`crema serve`) host:port")
+    b.add_argument("--protocol", choices=["http", "grpc"], default="grpc")
+    model_args(p)
+    p.set_defaults(func=lambda args: cmd_evaluate(args, usage_error))
+
+
+def _backend(args, usage_error):
+    references = [f for f, d in (("--preset", "preset"), ("--checkpoint", "checkpoint"), ("--blip2-dir", "blip2_dir"))
+                  if getattr(args, d)]
+    chosen = [f for f, given in (("--artifacts", args.artifacts), ("--url", args.url), ("a model source",
+                                                                                        references)) if given]
+    if len(chosen) != 1:
+        raise usage_error("give exactly one backend: --artifacts, --url, or a model source (--preset, --checkpoint, "
+                          f"--blip2-dir){'; got ' + ' and '.join(chosen) if chosen else ''}")
+    if args.artifacts:
+        backend = RuntimeBackend(args.artifacts, args.precision, args.provider)
+        return backend, backend.config
+    if args.url:
+        from triton_models.client import AskError
+        try:
+            backend = TritonBackend(args.url, args.protocol)
+        except AskError as e:
+            raise ValueError(str(e)) from None
+        return backend, None
+    from crema.cli import load_model
+    if args.dataset in DATASETS and args.downstream is None:  # the reference's task is part of its config
+        args.downstream = DATASETS[args.dataset].downstream_task
+    model = load_model(args)
+    return ReferenceBackend(model), model.cfg.to_dict()
+
+
+def cmd_evaluate(args, usage_error) -> None:
+    from runtime.specs import modality_names
+    backend, config = _backend(args, usage_error)
+    if config is not None:
+        modalities = modality_names(config)
+    else:  # Triton: what the served ensemble takes
+        inputs = {i for i in backend.client.frame_shapes()}
+        modalities = sorted(inputs) + ["audio", "pc"]
+    result = run(args.dataset, args.annotations, args.media, args.out, backend, modalities, progress=not args.quiet,
+                 limit=args.limit)
+    print(result["table"])
+    print(result["summary"])
+    for e in result["errors"][:10]:
+        print(f"  {e['id']}: {e['error']}")
+    if len(result["errors"]) > 10:
+        print(f"  ... {len(result['errors']) - 10} more in {result['predictions_path']}")
+    print(f"wrote {args.out}/metrics.json, metrics.md, predictions.jsonl")
