@@ -13,17 +13,21 @@ CREMA (Yui010206/CREMA, lavis/datasets/data_utils.py) stretches the whole frame 
            done while converting YUV to RGB. MUSIC-AVQA and SQA3D eval (blip_video_eval).
 
 Part 1 (folders): every candidate resizes the same uint8 RGB frames that Pillow's reference gets, so
-only the resize differs. Frame sets: the demo clips' frames (64 px, decoded by runtime.video; 224 is an
-upscale) and synthetic natural-like 640x360, 1280x720 and 3840x2160 frames (gradients, shading, grain,
-hard-edged shapes, thin lines, a grating, text), so 1.6x-17x downscales are exercised.
-Part 2 (videos): the natural-like frames written as mp4 (the project's write_clip_video, mp4v), read by
-decord at 224x224 (the reference) and by the candidates. Differences are in 0-255 units before
-normalisation (the runtime's normalised output is mapped back); time is per frame, best of --repeat.
+only the resize differs (a row checks that cv2 and Pillow decode the same JPEG alike). Frame sets: the
+demo clips' frames (64 px, decoded by runtime.video; 224 is an upscale) and synthetic natural-like
+640x360, 1280x720 and 3840x2160 frames (gradients, shading, grain, hard-edged shapes, thin lines, a
+grating, text), so 1.6x-17x downscales are exercised.
+Part 2 (videos): the 640x360 and 720p frames written as mp4 (the project's write_clip_video, mp4v), read
+by decord at 224x224 (the reference), by cv2 (the runtime's decode) + RGB resizes, and by PyAV (already
+a dependency) with swscale. Differences are in 0-255 units before normalisation (the runtime's
+normalised output mapped back); ms/frame: the resize step alone (no decode, no normalising; PyAV rows
+include the YUV -> RGB conversion at 224), best of --repeat rounds.
 The tables replace the "## Measurements" section of --out (the rest of the file stays).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 import tempfile
@@ -232,6 +236,10 @@ def frames_part(sets: dict[str, np.ndarray], repeat: int) -> list[dict]:
         for name, (fn, timed) in CANDIDATES.items():
             out = np.stack([fn(f) for f in frames])
             rows.append(row(label, name, out, ref, per_frame_ms(lambda: [timed(f) for f in frames], len(frames), repeat)))
+        jpegs = [cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1] for f in frames]
+        by_cv2 = np.stack([cv2.cvtColor(cv2.imdecode(j, cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB) for j in jpegs])
+        by_pil = np.stack([np.asarray(Image.open(io.BytesIO(j.tobytes()))) for j in jpegs])
+        rows.append(row(label, "(JPEG q90 decode alone: cv2 vs Pillow)", by_cv2, by_pil, None))
     return rows
 
 

@@ -136,6 +136,12 @@ def _seed(args) -> int:
 def _overrides(args) -> dict:
     from reference.config import parse_modalities
     out = {}
+    if getattr(args, "dataset", None):  # its conventions: generation settings, answer form, structured requests
+        from reference.config import GenerationConfig
+        from runtime.datasets import dataset_preset
+        p = dataset_preset(args.dataset)
+        out.update(dataset=p.name, downstream_task=p.downstream_task,
+                   generation=GenerationConfig(p.num_beams, p.max_new_tokens, p.min_length, p.length_penalty))
     if args.modalities:
         out["modalities"] = parse_modalities(args.modalities)
     if args.task:
@@ -244,26 +250,34 @@ def add_run(sub) -> None:
 
 def cmd_run(args) -> None:
     """ONNX Runtime with --artifacts (torch is never imported), else the PyTorch reference."""
-    dataset_prompt(args)
+    exported = None
+    if args.artifacts:
+        from runtime.artifacts import Artifacts
+        exported = Artifacts(args.artifacts, verify=False).manifest["config"].get("dataset")
+    dataset_prompt(args, exported)
     (run_artifacts if args.artifacts else run_reference)(args)
 
 
-def dataset_prompt(args) -> None:
-    """--dataset: the question becomes CREMA's prompt for that dataset, and its generation settings the
-    defaults of --downstream/--task, --beams and --max-new-tokens (runtime/datasets.py)."""
-    structured = _given(args, (("--option", "option"), ("--situation", "situation"), ("--templ-values", "templ_values")))
-    if not args.dataset:
-        if structured:
-            raise UsageError(f"{structured[0]}: only with --dataset")
+def dataset_prompt(args, exported: str | None = None) -> None:
+    """--dataset D: the question becomes D's prompt (built from it and --option / --situation / --templ-values,
+    runtime/datasets.py) and D's generation settings the defaults of --downstream/--task, --beams and
+    --max-new-tokens. Without --dataset, structured flags use the artifacts' own dataset (`exported`)."""
+    from runtime.datasets import DatasetError, dataset_preset, structured_prompt
+    given = {k: v for k, v in (("options", args.option), ("situation", args.situation),
+                               ("templ_values", args.templ_values)) if v is not None}
+    dataset = args.dataset or (exported if given else None)
+    if dataset is None:
+        if given:
+            raise UsageError("--option/--situation/--templ-values: only with --dataset (or artifacts exported "
+                             "with --dataset)")
         return
-    from runtime.datasets import dataset_preset
-    preset = dataset_preset(args.dataset)
-    fields = {"nextqa": {"question": args.question, "options": args.option or []},
-              "music-avqa": {"question_template": args.question, "templ_values": args.templ_values or ""},
-              "sqa3d": {"situation": args.situation, "question": args.question}}[args.dataset]
-    if args.dataset == "sqa3d" and not args.situation:
-        raise UsageError("--situation: needed with --dataset sqa3d")
-    args.question = preset.build_prompt(fields)
+    try:
+        args.question = structured_prompt(dataset, args.question, **given)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    if not args.dataset:
+        return  # the artifacts' generation settings are the dataset's already
+    preset = dataset_preset(dataset)
     task = "downstream" if hasattr(args, "downstream") else "task"
     for dest, value in ((task, preset.downstream_task), ("beams", preset.num_beams),
                         ("max_new_tokens", preset.max_new_tokens)):
@@ -373,6 +387,9 @@ def add_export(sub) -> None:
     _model_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dataset", choices=["nextqa", "music-avqa", "sqa3d"],
+                   help="export with a CREMA dataset's conventions: its generation settings and answer form, and "
+                        "requests may carry its structured fields (options, situation, templ_values)")
     p.add_argument("--depth-model", type=Path, metavar="DIR",
                    help="a local Hugging Face depth model (ZoeDepth, Depth Anything, DPT: config.json, weights, "
                         "preprocessor_config.json), exported as the depth_estimator stage: `crema run` then computes "
@@ -705,15 +722,20 @@ def add_ask(sub) -> None:
 
 
 def cmd_ask(args) -> None:
+    """--dataset: the prompt is built here; structured flags without it: by the server (its dataset)."""
     from runtime.text import clean_question
-    dataset_prompt(args)
+    fields = {}
+    if args.dataset:
+        dataset_prompt(args)
+    else:
+        fields = {"options": args.option, "situation": args.situation, "templ_values": args.templ_values}
     from triton_models.client import AskError, CremaClient, needs_frame_shapes, tensors_from_files
 
     question = clean_question(args.question)
     frames = visual_files(args.visual)
     read = lambda shapes=None: tensors_from_files(  # noqa: E731
         question, video=args.video, depth=args.depth, audio=args.audio, pc=args.pc, frames=frames,
-        frame_shapes=shapes, task=args.task, num_beams=args.beams, max_new_tokens=args.max_new_tokens)
+        frame_shapes=shapes, task=args.task, num_beams=args.beams, max_new_tokens=args.max_new_tokens, **fields)
     folders = needs_frame_shapes(frames)  # a folder or video of frames: sampled here at the served model's shape
     tensors = None if folders else read()
     try:

@@ -44,8 +44,17 @@ def generation(dataset: str) -> dict:
     return {"task": p.downstream_task, "num_beams": p.num_beams, "max_new_tokens": p.max_new_tokens}
 
 
-def inputs(item: Item, media_root: Path, modalities: list[str]) -> dict:
-    """request_from_files' keyword arguments for `item` (video, depth, audio, pc as (feat, coords), frames)."""
+def visual_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """Visual modality -> (frames, image size) the model takes."""
+    from runtime.specs import VISUAL, modality_names
+    t, size = config["frame_num"], config["vision"]["image_size"]
+    return {m: (t, size) for m in modality_names(config) if m in VISUAL}
+
+
+def inputs(item: Item, media_root: Path, modalities: list[str], shapes: dict | None = None) -> dict:
+    """request_from_files' keyword arguments for `item` (video, depth, audio, pc as (feat, coords), frames).
+    shapes: visual modality -> (frames, image size), needed for NExT-QA's flow folders (read here: CREMA
+    un-mirrors them first)."""
     found = resolve_media(item, media_root)
     out: dict = {"frames": {}}
     video = found.get("video")
@@ -58,6 +67,11 @@ def inputs(item: Item, media_root: Path, modalities: list[str]) -> dict:
     for m in ("depth", "flow", "norm"):
         if m in found and m in modalities and item.dataset == "nextqa":
             out["frames"][m] = found[m]
+    if "flow" in out["frames"]:
+        from runtime.video import normalize_frames, read_frame_folder, unflip_nextqa_flow
+        t, size = shapes["flow"]
+        images = read_frame_folder(out["frames"]["flow"], t, f"item {item.id!r} flow", size, unflip_nextqa_flow)
+        out["frames"]["flow"] = normalize_frames(images, size)
     if item.dataset == "synthetic":
         out.update({k: found[k] for k in ("depth", "audio") if k in found})
     if "pc_feat" in found:
@@ -78,6 +92,7 @@ class RuntimeBackend:
         from runtime.pipeline import Pipeline
         self.pipeline = Pipeline(artifacts, precision=precision, providers=providers, threads=threads)
         self.config = self.pipeline.config
+        self.shapes = visual_shapes(self.config)
 
     def __call__(self, question: str, files: dict, options: dict) -> dict:
         from runtime.inputs import request_from_files
@@ -94,14 +109,16 @@ class TritonBackend:
         from triton_models.client import CremaClient
         self.client = CremaClient(url, protocol, timeout_s=timeout_s)
         self.shapes = self.client.frame_shapes()
-        self.config = None
 
     def __call__(self, question: str, files: dict, options: dict) -> dict:
         from triton_models.client import request_tensors, tensors_from_files
         files = dict(files)
         pc = files.pop("pc", None)
         frames = files.pop("frames")
-        tensors = tensors_from_files(question, frames=frames, frame_shapes=self.shapes, **files, **options)
+        arrays = {m: x for m, x in frames.items() if isinstance(x, np.ndarray)}  # read here already
+        paths = {m: x for m, x in frames.items() if m not in arrays}
+        tensors = tensors_from_files(question, frames=paths, frame_shapes=self.shapes, **files, **options)
+        tensors.update(request_tensors(question, frames=arrays))
         if pc is not None:
             tensors.update(request_tensors(question, pc_feat=pc[0], pc_coords=pc[1]))
         result = self.client.infer(tensors)
@@ -113,6 +130,7 @@ class ReferenceBackend:
 
     def __init__(self, model):
         self.model, self.config = model, model.cfg.to_dict()
+        self.shapes = visual_shapes(self.config)
 
     def __call__(self, question: str, files: dict, options: dict) -> dict:
         import torch
@@ -138,7 +156,7 @@ def run(dataset: str, annotations, media, out, backend, modalities: list[str], p
     options, media = generation(dataset), Path(media)
 
     def answer(item: Item) -> dict:
-        return backend(prompt(item), inputs(item, media, modalities), options)
+        return backend(prompt(item), inputs(item, media, modalities, backend.shapes), options)
 
     result = evaluate(items, answer, out / "predictions.jsonl", progress=progress)
     (out / "metrics.json").write_text(json.dumps(result["metrics"], indent=2) + "\n")

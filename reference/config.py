@@ -13,6 +13,7 @@ VISUAL_MODALITIES = ("rgb", "depth", "flow", "norm")
 ALL_MODALITIES = VISUAL_MODALITIES + ("audio", "pc")
 TASKS = ("concat", "espresso", "espresso_concat")
 DOWNSTREAM_TASKS = ("oeqa", "mcqa")
+DATASETS = ("nextqa", "music-avqa", "sqa3d")  # runtime/datasets.py DATASETS: their prompts and settings
 ANSWER_LETTERS = "ABCDE"
 
 
@@ -119,6 +120,9 @@ class CremaConfig:
     answer_num: int = 5
     max_txt_len: int = 77
     pc_grid: int = 256  # voxel coordinates are < pc_grid on every axis
+    # a CREMA dataset whose conventions the model was exported with (runtime/datasets.py): requests may
+    # then carry its structured fields (options, situation, templ_values) and get its prompt
+    dataset: str | None = None
 
     def __post_init__(self):
         _validate(self)
@@ -190,6 +194,8 @@ def _validate(cfg: CremaConfig) -> None:
         raise ConfigError(f"unknown downstream task {cfg.downstream_task!r}: expected {DOWNSTREAM_TASKS}")
     if not 1 <= cfg.answer_num <= len(ANSWER_LETTERS):
         raise ConfigError(f"answer_num must be 1..{len(ANSWER_LETTERS)}, got {cfg.answer_num}")
+    if cfg.dataset is not None and cfg.dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}: expected one of {', '.join(DATASETS)}")
     if cfg.frame_num < 1:
         raise ConfigError(f"frame_num must be >= 1, got {cfg.frame_num}")
     has_rgb = "rgb" in names

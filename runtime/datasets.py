@@ -99,11 +99,12 @@ def music_avqa_question(question_template: str, templ_values: str | Sequence[str
     ast.literal_eval as CREMA does) or the list itself; "" means no values. CREMA pairs the placeholder
     occurrences with the values in order and replaces *every* occurrence of each pair's placeholder, so
     "<Object> and <Object>" with ["piano", "ukulele"] becomes "piano and piano" (kept: the model was
-    trained on it). Unlike CREMA, which zips and ignores the surplus, the counts must match."""
+    trained on it). Surplus values are ignored, as CREMA's zip ignores them (the annotation files have
+    such records); fewer values than placeholders would leave a placeholder in the prompt: refused."""
     _text(question_template, "question_template")
     values = _templ_values(templ_values)
     placeholders = _PLACEHOLDER.findall(question_template)
-    if len(placeholders) != len(values):
+    if len(values) < len(placeholders):
         raise DatasetError(f"templ_values: {len(values)} values for {len(placeholders)} placeholders "
                            f"{['<' + p + '>' for p in placeholders]} in question_template")
     question = question_template
@@ -275,3 +276,29 @@ def crema_points(feat: np.ndarray, coords: np.ndarray, n: int = PC_POINTS) -> tu
     out_coords = np.zeros((n, 3), dtype=np.int64)
     out_feat[:kept], out_coords[:kept] = feat[:kept], coords[:kept]
     return out_feat, out_coords, np.ones(n, dtype=np.int64)
+
+
+STRUCTURED_FIELDS = ("options", "situation", "templ_values")  # what a request may carry besides its question
+
+
+def structured_prompt(dataset: str | None, question: str, options: Sequence[str] | None = None,
+                      situation: str | None = None, templ_values: str | Sequence[str] | None = None) -> str:
+    """The prompt for a request that carries a dataset's structured fields (CLI flags, Triton inputs):
+    nextqa: question + options; music-avqa: question (the template) + templ_values; sqa3d: situation +
+    question. A field the dataset does not take, or any field without a dataset, is a DatasetError."""
+    given = {k: v for k, v in (("options", options), ("situation", situation), ("templ_values", templ_values))
+             if v is not None}
+    if dataset is None:
+        raise DatasetError(f"{', '.join(given) or 'structured fields'}: these need a dataset's conventions "
+                           f"(export with --dataset {'|'.join(DATASETS)}, or ask with --dataset)")
+    preset = dataset_preset(dataset)
+    takes = {"nextqa": {"options"}, "music-avqa": {"templ_values"}, "sqa3d": {"situation"}}[dataset]
+    extra = sorted(set(given) - takes)
+    if extra:
+        raise DatasetError(f"{', '.join(extra)}: {dataset} takes {', '.join(sorted(takes))} besides the question")
+    fields = {"nextqa": {"question": question, "options": given.get("options", [])},
+              "music-avqa": {"question_template": question, "templ_values": given.get("templ_values", "")},
+              "sqa3d": {"situation": given.get("situation"), "question": question}}[dataset]
+    if dataset == "sqa3d" and situation is None:
+        raise DatasetError("situation: sqa3d prompts begin with the situation; it is missing")
+    return preset.build_prompt(fields)

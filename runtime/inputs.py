@@ -127,7 +127,7 @@ def _frames(source, m: str, t: int, size: int) -> np.ndarray:
     if isinstance(source, (bytes, bytearray)):
         head = bytes(source[:len(NPY_MAGIC)])
     elif Path(source).is_dir():
-        return normalize_frames(read_frame_folder(source, t, label), size)
+        return normalize_frames(read_frame_folder(source, t, label, size), size)
     else:
         head = read_bytes(source, label, len(NPY_MAGIC))
     if head == NPY_MAGIC:

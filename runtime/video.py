@@ -14,7 +14,9 @@ sorted by name (other files and hidden ones ignored), sampled uniformly over N -
 each converted to RGB as PIL's `.convert('RGB')` does (grey repeated, alpha dropped, 16-bit colour by
 its high byte; 16-bit grey only when every value is below 256: PIL clips the rest to white), sizes
 checked from the headers before decoding, downscaled to FRAME_PIXELS like video frames. The sampled
-frames must share one size.
+frames must share one size. Given the model's image size, each frame is resized straight to it with
+Pillow's BICUBIC, as CREMA's `img.resize((w, h))` does (antialiased: exact, where OpenCV's INTER_CUBIC
+differs by up to 150/255 on real downscales; docs/resize.md).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Iterator
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from .files import InputFileError, check_dimensions, fit_size, image_size
 
@@ -53,7 +56,8 @@ def normalize_frames(rgb: np.ndarray, image_size: int) -> np.ndarray:
     """uint8 RGB frames [T, H, W, 3] -> normalised float32 [T, 3, image_size, image_size]."""
     if rgb.ndim != 4 or rgb.shape[-1] != 3:
         raise VideoError(f"frames: shape {rgb.shape}, expected [T, H, W, 3] RGB")
-    out = np.stack([cv2.resize(f, (image_size, image_size), interpolation=cv2.INTER_CUBIC) for f in rgb])
+    square = (image_size, image_size)  # frames already at the size (Pillow-resized folders) are kept as they are
+    out = np.stack([f if f.shape[:2] == square else cv2.resize(f, square, interpolation=cv2.INTER_CUBIC) for f in rgb])
     out = (out.astype(np.float32) / 255.0 - MEAN) / STD
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
@@ -212,8 +216,11 @@ def folder_indices(count: int, n: int) -> list[int]:
     return uniform_indices(max(count - 1, 1), n)
 
 
-def read_frame_folder(folder: str | Path, n_frames: int, name: str | None = None) -> np.ndarray:
-    """n frames sampled from a folder of images -> RGB [n, H, W, 3] uint8 (module docstring)."""
+def read_frame_folder(folder: str | Path, n_frames: int, name: str | None = None,
+                      size: int | None = None, orient=None) -> np.ndarray:
+    """n frames sampled from a folder of images -> RGB [n, H, W, 3] uint8 (module docstring); with `size`,
+    each resized to [size, size] as CREMA resizes them (Pillow BICUBIC); `orient` (RGB -> RGB) first,
+    e.g. `unflip_nextqa_flow`."""
     label = name or str(folder)
     files = frame_files(folder, label)
     picked = folder_indices(len(files), n_frames)
@@ -225,12 +232,25 @@ def read_frame_folder(folder: str | Path, n_frames: int, name: str | None = None
         except InputFileError as e:
             raise VideoError(str(e)) from None
     first = picked[0]
-    for i, size in sizes.items():
-        if size != sizes[first]:
-            raise VideoError(f"{label}: {files[i].name} is {size[1]}x{size[0]}, {files[first].name} is "
+    for i, (h, w) in sizes.items():
+        if (h, w) != sizes[first]:
+            raise VideoError(f"{label}: {files[i].name} is {w}x{h}, {files[first].name} is "
                              f"{sizes[first][1]}x{sizes[first][0]}: the frames of a folder must share one size")
-    frames = {i: _fit(_image_bgr(files[i], f"{label}: {files[i].name}"), label) for i in sizes}
+    orient = orient or (lambda rgb: rgb)
+    read = (lambda bgr: _fit(bgr, label)) if size is None else (lambda bgr: pil_resize(orient(bgr[..., ::-1]), size))
+    frames = {i: read(_image_bgr(files[i], f"{label}: {files[i].name}")) for i in sizes}
     return np.stack([frames[i] for i in picked])
+
+
+def unflip_nextqa_flow(rgb: np.ndarray) -> np.ndarray:
+    """NExT-QA's flow frames as CREMA reads them (data_utils.py l.167-170, type 'flow'): mirrored left-right,
+    then rotated 90 degrees counter-clockwise (PIL FLIP_LEFT_RIGHT, then transpose(2) = ROTATE_90)."""
+    return np.rot90(rgb[:, ::-1])
+
+
+def pil_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """RGB [H, W, 3] uint8 -> [size, size, 3]: Pillow's BICUBIC, CREMA's frame-folder resize."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((size, size), Image.BICUBIC))
 
 
 def _image_bgr(path: Path, label: str) -> np.ndarray:

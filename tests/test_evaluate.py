@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny
-from crema.evaluate import ReferenceBackend, RuntimeBackend, TritonBackend, inputs, prompt, run
+from crema.evaluate import ReferenceBackend, RuntimeBackend, TritonBackend, generation, inputs, prompt, run
 from evaluation.annotations import load_annotations
 from export.onnx_export import export_artifacts
 from reference.weights import preset_model
@@ -72,7 +72,7 @@ def annotations(dataset: str, root, video) -> tuple:
 def dataset(request, tmp_path_factory):
     name = request.param
     root = tmp_path_factory.mktemp(name)
-    cfg = tiny(MODALITIES[name], downstream_task="mcqa" if name == "nextqa" else "oeqa")
+    cfg = tiny(MODALITIES[name], downstream_task="mcqa" if name == "nextqa" else "oeqa", dataset=name)
     model = preset_model(cfg)
     artifacts = export_artifacts(model, root / "artifacts", {"preset": "tiny"}, progress=False)
     video = clip_files(demo_data(root / "clips", 1, 1, cfg.to_dict()) / "clip00000")["video"]
@@ -91,11 +91,20 @@ def test_every_backend_answers_alike_with_cremas_prompts(dataset):
     modalities = list(MODALITIES[name])
     got = run(name, dataset["annotations"], dataset["media"], root / "ort", runtime, modalities, progress=False)
     repo = generate_repository(dataset["artifacts"], root / "repo")
-    with Service(repo, http_port=0, grpc_port=0, metrics_port=0) as service:
-        served = run(name, dataset["annotations"], dataset["media"], root / "triton",
-                     TritonBackend(service.endpoints.grpc_url), modalities, progress=False)
-    assert predictions(got) == predictions(served)
     items = load_annotations(name, dataset["annotations"])
+    with Service(repo, http_port=0, grpc_port=0, metrics_port=0) as service:
+        triton = TritonBackend(service.endpoints.grpc_url)
+        served = run(name, dataset["annotations"], dataset["media"], root / "triton", triton, modalities,
+                     progress=False)
+        # a structured request: the server (exported with the dataset) builds CREMA's prompt itself
+        item = items[0]
+        fields = {"nextqa": {"options": list(item.options)}, "sqa3d": {"situation": item.extra.get("situation")},
+                  "music-avqa": {"templ_values": json.dumps(item.extra.get("templ_values"))}}[name]
+        files = inputs(item, dataset["media"], modalities)
+        raw = item.extra.get("template", item.question)
+        structured = triton(raw, files, {**generation(name), **fields})
+        assert structured == runtime(prompt(item), files, generation(name))
+    assert predictions(got) == predictions(served)
     lines = {x["id"]: x for x in map(json.loads, open(got["predictions_path"]))}
     missing = items[-1]
     assert lines[missing.id]["error_type"] == "MissingMedia" and got["counts"]["errors"] == 1
@@ -135,3 +144,28 @@ def test_the_command_writes_metrics_and_resumes(dataset):
     assert metrics["total"] == 3 and len((out / "predictions.jsonl").read_text().splitlines()) == 3
     both = subprocess.run(args + ["--url", "127.0.0.1:1"], capture_output=True, text=True, timeout=120)
     assert both.returncode == 2 and "exactly one backend" in both.stderr
+
+
+def test_nextqa_flow_folders_are_read_as_crema_reads_them(tmp_path):
+    """CREMA's load_frames, type 'flow' (data_utils.py l.167-170): FLIP_LEFT_RIGHT, then transpose(2) (ROTATE_90),
+    then resize((224, 224)): NExT-QA's flow frames are stored mirrored and turned."""
+    from PIL import Image
+
+    from runtime.video import MEAN, STD
+    media = tmp_path / "videos"
+    media.mkdir()
+    flow = tmp_path / "videos_flow" / "v0"  # CREMA's sibling folder of the frames root
+    flow.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(flow / f"{i:03d}.png")
+    shutil.copytree(flow, media / "v0")  # its rgb frames: any folder will do here
+    row = {"qid": "CW_v0_0", "video": "v0", "question": "why?", "num_option": 5,
+           **{f"a{j}": o for j, o in enumerate(OPTIONS)}, "answer": 0}
+    (tmp_path / "a.json").write_text(json.dumps([row]))
+    [item] = load_annotations("nextqa", tmp_path / "a.json")
+    got = inputs(item, media, ["rgb", "flow"], {"rgb": (2, 56), "flow": (2, 56)})["frames"]["flow"]
+    files = sorted(flow.iterdir())
+    want = np.stack([np.asarray(Image.open(files[i]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                                .transpose(Image.Transpose.ROTATE_90).resize((56, 56))) for i in (1, 3)])
+    np.testing.assert_array_equal(got, ((want / np.float32(255) - MEAN) / STD).transpose(0, 3, 1, 2))

@@ -14,7 +14,7 @@ import soundfile
 from reference.config import preset
 from runtime.files import fit_size
 from runtime.inputs import request_from_files
-from runtime.video import VideoError, decode_frames, normalize_frames, read_frame_folder
+from runtime.video import VideoError, decode_frames, normalize_frames, pil_resize, read_frame_folder
 from test_audio import write_av
 from triton_models.client import needs_frame_shapes, tensors_from_files
 
@@ -70,7 +70,8 @@ def test_a_folder_is_sampled_as_crema_samples_its_frame_folders(tmp_path):
 
 
 def test_folder_frames_are_decoded_resized_and_normalised_as_video_frames(tmp_path):
-    """Frames written from a video's decoded frames (lossless PNG) give what the video's frames give."""
+    """Frames written from a video's decoded frames (lossless PNG) give those frames, resized as CREMA resizes
+    a folder's frames (Pillow BICUBIC; a video's own frames are resized with OpenCV)."""
     rng = np.random.default_rng(0)
     video = write_av(tmp_path / "v.mp4", frames=rng.integers(0, 256, (10, 48, 64, 3), dtype=np.uint8))
     decoded = decode_frames(video, 10)  # every frame, RGB
@@ -79,7 +80,8 @@ def test_folder_frames_are_decoded_resized_and_normalised_as_video_frames(tmp_pa
         cv2.imwrite(str(tmp_path / "frames" / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     cfg = _config(("rgb", "flow"))
     r = request_from_files(cfg, "Q?", video=video, frames={"flow": tmp_path / "frames"})
-    np.testing.assert_array_equal(r.frames["flow"], normalize_frames(decoded[[2, 6]], 56))
+    np.testing.assert_array_equal(r.frames["flow"], normalize_frames(np.stack([pil_resize(f, 56) for f in decoded[[2, 6]]]),
+                                                                     56))
     as_video = request_from_files(cfg, "Q?", video=video, frames={"flow": video})  # a video of its own
     np.testing.assert_array_equal(as_video.frames["flow"], r.frames["rgb"])
 
@@ -134,6 +136,31 @@ def test_large_frames_are_downscaled_to_the_frame_budget(tmp_path):
     (tmp_path / "big").mkdir()
     cv2.imwrite(str(tmp_path / "big" / "0.png"), np.full((1600, 2400, 3), 50, np.uint8))
     assert read_frame_folder(tmp_path / "big", 2).shape == (2, *fit_size(1600, 2400), 3)
+
+
+def test_folder_frames_are_resized_exactly_as_cremas_loader_resizes_them(tmp_path):
+    """CREMA's load_frames (data_utils.py l.163-174): `Image.open(f)` ... `.convert('RGB')` (depth, norm)
+    ... `img.resize((224, 224))` (Pillow's default BICUBIC, antialiased), then /255 and CLIP's mean/std.
+    Our folder path equals that bit for bit on a 640x360 downscale with fine detail; OpenCV's INTER_CUBIC
+    (the video path's resize) does not."""
+    from PIL import Image
+
+    from runtime.video import MEAN, STD, normalize_frames
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(5):
+        image = (np.linspace(0, 255, 640)[None, :, None] * np.ones((360, 1, 3)) + rng.normal(0, 40, (360, 640, 3)))
+        cv2.putText(image, f"frame {i}", (40, 200), cv2.FONT_HERSHEY_SIMPLEX, 3, (255, 255, 255), 4)
+        cv2.imwrite(str(folder / f"{i:03d}.png"), np.clip(image, 0, 255).astype(np.uint8))
+    got = normalize_frames(read_frame_folder(folder, 4, size=224), 224)
+    files = sorted(folder.iterdir())
+    indices = [0, 1, 2, 3]  # CREMA: uniform over len - 1 = 4 images, the middle of each interval
+    want = np.stack([np.asarray(Image.open(files[i]).convert("RGB").resize((224, 224))) for i in indices])
+    want = ((want.astype(np.float32) / 255.0 - MEAN) / STD).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got, want)
+    cubic = normalize_frames(read_frame_folder(folder, 4), 224)
+    assert np.abs(cubic - want).max() > 0.5  # the old OpenCV path: far from CREMA's on this downscale
 
 
 # --- videos of one frame -------------------------------------------------------------------------

@@ -53,11 +53,17 @@ def _module(protocol: str):
 def request_tensors(question: str | bytes, video: bytes | None = None, depth: bytes | None = None,
                     audio: bytes | None = None, pc_feat: np.ndarray | None = None, pc_coords: np.ndarray | None = None,
                     frames: dict[str, np.ndarray] | None = None, task: str | None = None,
-                    num_beams: int | None = None, max_new_tokens: int | None = None) -> dict[str, np.ndarray]:
-    """The ensemble's input tensors, by name, for what is given."""
+                    num_beams: int | None = None, max_new_tokens: int | None = None,
+                    options: list[str] | None = None, situation: str | None = None,
+                    templ_values: str | None = None) -> dict[str, np.ndarray]:
+    """The ensemble's input tensors, by name, for what is given. options, situation, templ_values: a
+    dataset's structured request (the server builds the prompt of the dataset it was exported with)."""
     text = lambda x: np.array([x if isinstance(x, bytes) else x.encode()], dtype=object)  # noqa: E731
     out = {"question": text(question)}
-    for name, value in (("video", video), ("depth", depth), ("audio", audio), ("task", task)):
+    if options is not None:
+        out["options"] = np.array([o.encode() for o in options], dtype=object)
+    for name, value in (("video", video), ("depth", depth), ("audio", audio), ("task", task),
+                        ("situation", situation), ("templ_values", templ_values)):
         if value is not None:
             out[name] = text(value)
     if pc_feat is not None:
@@ -108,7 +114,7 @@ def _frames_file(path, m: str, frame_shapes: dict | None) -> np.ndarray:
     from runtime.video import decode_frames, normalize_frames, read_frame_folder  # OpenCV: only here
 
     t, size = frame_shapes[m]
-    images = read_frame_folder(path, t, label) if Path(path).is_dir() else decode_frames(path, t, label)
+    images = read_frame_folder(path, t, label, size) if Path(path).is_dir() else decode_frames(path, t, label)
     return normalize_frames(images, size)
 
 

@@ -31,10 +31,11 @@ from runtime.pipeline import (RequestError, RequestStopped, Stage, check_inputs,
                               fuse_encode, generation_settings, session_options)
 from runtime.modalities import ExportedDepthEstimator
 from runtime.specs import VISUAL, StageSpec, depth_estimator_spec, modality_names, stage_specs
+from runtime.datasets import structured_prompt
 from runtime.text import QuestionTokenizer, clean_question
 
 from .cache import ResponseCache
-from .layout import DEADLINE_PARAMETER, LLM_STAGES, MODEL_INFO, TASK_INPUTS
+from .layout import DEADLINE_PARAMETER, GENERATION_INPUTS, LLM_STAGES, MODEL_INFO, PROMPT_INPUTS
 
 MAX_QUESTION_BYTES = 4096
 RAW_INPUTS = ("video", "depth", "audio", "pc_feat", "pc_coords")
@@ -62,6 +63,17 @@ def _providers(args: dict) -> list:
 def _input(request, name: str) -> np.ndarray | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
+
+
+def _text(x, name: str) -> str:
+    """One element of a BYTES input as strict UTF-8 text, at most MAX_QUESTION_BYTES."""
+    data = bytes(x)
+    if len(data) > MAX_QUESTION_BYTES:
+        raise RequestError(f"{name}: {len(data)} bytes, the limit is {MAX_QUESTION_BYTES}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{name}: not valid UTF-8 at byte {e.start}") from None
 
 
 def _blob(x: np.ndarray | None) -> bytes | None:
@@ -267,13 +279,26 @@ class LlmModel:
             out[m] = x if m == "pc" else x[None]
         return out
 
+    def prompt(self, r) -> str:
+        """The question, or the dataset's prompt around it when the request carries structured fields."""
+        question = self.question(r)
+        fields = {name: _input(r, name) for name, *_ in PROMPT_INPUTS}
+        if all(v is None for v in fields.values()):
+            return question
+        text = {k: [_text(x, k) for x in v.reshape(-1)] for k, v in fields.items() if v is not None}
+        if len(text.get("options", [])) > 5:
+            raise RequestError(f"options: {len(text['options'])} given, at most 5")
+        return clean_question(structured_prompt(self.config.get("dataset"), question, text.get("options"),
+                                                *(text[k][0] if k in text else None
+                                                  for k in ("situation", "templ_values"))))
+
     def answer(self, r) -> dict:
-        options = {name: _input(r, name) for name, *_ in TASK_INPUTS}
+        options = {name: _input(r, name) for name, *_ in GENERATION_INPUTS}
         overrides = {k: (_blob(v).decode(errors="replace") if v.dtype == object else int(v.reshape(-1)[0]))
                      for k, v in options.items() if v is not None}
         g = generation_settings(self.config, **overrides)
         stop = Watchdog(r)
-        question = self.question(r)
+        question = self.prompt(r)
         hidden, mask = fuse_encode(self.stages["fuse_encode"], self.tokenizer, self.tokens(r), [question])
         try:
             answer = decode_answers(self.stages, hidden, mask, g, self.tokenizer, self.answer_ids, stop)[0]
