@@ -31,7 +31,7 @@ NO_OP = {"n": (None, 1), "temperature": (None, 0), "top_p": (None, 1), "presence
 FREE = ("user", "seed", "metadata")  # accepted, no effect (decoding is deterministic: seed changes nothing)
 KNOWN = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "crema",
          *NO_OP, *FREE}
-CREMA_OPTIONS = ("task", "num_beams", "depth", "pc")
+CREMA_OPTIONS = ("task", "num_beams", "depth", "pc", "options", "situation", "templ_values")
 
 
 @dataclass
@@ -79,12 +79,13 @@ def parse_chat(request: dict, model: str, media: Media) -> ChatRequest:
     task = crema.get("task")
     if task is not None and task not in TASKS:
         raise ApiError(f"crema.task: {task!r}, expected one of {', '.join(TASKS)}", "crema.task", "invalid_value")
+    prompt = _prompt_fields(crema)
     stream = _typed(request, "stream", bool, False)
     options = _typed(request, "stream_options", dict, {}) or {}
     include_usage = _typed(options, "include_usage", bool, False, "stream_options.")
     return ChatRequest(text, request_tensors(
         text, tensors["video"], tensors["depth"], tensors["audio"], tensors["pc_feat"], tensors["pc_coords"],
-        task=task, num_beams=_count(crema, "num_beams", "crema."), max_new_tokens=_max_tokens(request)),
+        task=task, num_beams=_count(crema, "num_beams", "crema."), max_new_tokens=_max_tokens(request), **prompt),
         stream, include_usage, sizes)
 
 
@@ -179,6 +180,24 @@ def _typed(obj: dict, name: str, kind: type, default, prefix: str = ""):
     if value is not None and type(value) is not kind:
         raise ApiError(f"{prefix}{name}: expected {kind.__name__}", prefix + name, "invalid_type")
     return value if value is not None else default
+
+
+def _prompt_fields(crema: dict) -> dict:
+    """A dataset's structured request (the served model builds CREMA's prompt around the question):
+    options (nextqa: five strings), situation (sqa3d), templ_values (music-avqa, e.g. '["cello"]')."""
+    out = {}
+    options = crema.get("options")
+    if options is not None:
+        if not isinstance(options, list) or not 1 <= len(options) <= 5 or not all(isinstance(o, str) for o in options):
+            raise ApiError("crema.options: expected a list of 1 to 5 strings", "crema.options", "invalid_value")
+        out["options"] = options
+    for name in ("situation", "templ_values"):
+        value = crema.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise ApiError(f"crema.{name}: expected a string", f"crema.{name}", "invalid_type")
+            out[name] = value
+    return out
 
 
 def _count(obj: dict, name: str, prefix: str = "") -> int | None:

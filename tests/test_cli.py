@@ -127,3 +127,22 @@ def test_line_breaks_in_a_question_do_not_change_the_answer(tmp_path):
         one_line = crema("run", *source, *files, "--question", q.question).stdout
         assert f"answer:   {q.answer}\n" in one_line
         assert crema("run", *source, *files, "--question", ragged).stdout == one_line
+
+
+def test_a_dataset_export_builds_its_prompt_from_structured_flags(tmp_path):
+    """crema export --dataset nextqa: the config keeps NExT-QA's conventions (mcqa); `crema run --option x5`
+    then asks CREMA's NExT-QA prompt, as `--dataset nextqa` on any model does, and the same question
+    with the prompt written out by hand gets the same answer."""
+    from runtime.datasets import nextqa_prompt
+    clip = write_clip(tmp_path / "clip.mp4")
+    crema("export", "--preset", "tiny", "--dataset", "nextqa", "--out", str(tmp_path / "art"), "--quiet")
+    options = ["it rolls", "it stops", "it jumps", "it spins", "nothing"]
+    flags = [x for o in options for x in ("--option", o)]
+    out = crema("run", "--artifacts", str(tmp_path / "art"), "--video", str(clip), "--question", "What happens?", *flags)
+    prompt = nextqa_prompt("What happens?", options)
+    assert f"question: {prompt}" in out.stdout and "scores:" in out.stdout  # mcqa: the letters' scores
+    by_hand = crema("run", "--artifacts", str(tmp_path / "art"), "--video", str(clip), "--question", prompt)
+    assert by_hand.stdout == out.stdout
+    refused = crema("run", "--artifacts", str(tmp_path / "art"), "--video", str(clip), "--question", "Q?",
+                    "--situation", "I sit.", check=False)
+    assert refused.returncode == 2 and "situation: nextqa takes options" in refused.stderr

@@ -1,4 +1,5 @@
-"""Deadlines, cancellation and queue limits through `crema serve` (front + a real Triton 2.51).
+"""Deadlines, cancellation (the front's cancellation board: triton_models/cancel.py) and queue limits
+through `crema serve` (front + a real Triton 2.51).
 
 The model here decodes for seconds: the tiny preset with a 6-layer, 512-wide T5 decoder, 64 beams and
 min_length = max_new_tokens = 64 (EOS masked), so every full request runs exactly 64 decoder steps and
@@ -97,12 +98,13 @@ def test_the_deadline_stops_the_decode_loop(slow, protocol):
     assert counters(service) == (steps + done, stopped + 1)
 
 
-def test_cancelled_requests_never_run_and_queues_are_bounded(slow):
+def test_cancelled_requests_do_no_work_and_queues_are_bounded(slow):
     """Four requests at once: one decodes, two wait in the llm model's queue (max_queue 2), the fourth is
-    rejected at once. Cancelling the two waiting ones: Triton drops them (the llm executes once), and the
-    first answers with all its 64 steps."""
+    rejected at once. The three are cancelled: the decoding one stops at its next step; the waiting ones
+    are dropped by Triton, or stop before their first step if the llm model took them first. Every
+    request the llm model executed was stopped, and fewer than 64 steps ran in all."""
     service = slow["service"]
-    steps, _ = counters(service)
+    steps, stopped = counters(service)
     executed = metric(service, "nv_inference_exec_count")
     results: dict[int, object] = {}
     with grpcclient.InferenceServerClient(service.endpoints.grpc_url) as c:
@@ -116,11 +118,33 @@ def test_cancelled_requests_never_run_and_queues_are_bounded(slow):
         assert len(results) == 1  # nothing else answered: one decodes, two wait
         for i, call in enumerate(calls):
             if i != rejected:
-                call.cancel()  # the one decoding too: Triton 2.51 does not stop a running python model
-        wait_for(lambda: metric(service, "nv_inference_exec_count") == executed + 1)
+                call.cancel()
+        wait_for(lambda: metric(service, "nv_inference_pending_request_count") == 0
+                 and counters(service)[1] - stopped == metric(service, "nv_inference_exec_count") - executed)
     time.sleep(0.5)
-    assert metric(service, "nv_inference_exec_count") == executed + 1
-    assert counters(service)[0] == steps + STEPS  # only the one that was running decoded
+    ran = metric(service, "nv_inference_exec_count") - executed
+    assert 1 <= ran <= 3 and counters(service)[1] - stopped == ran  # each one executed was stopped
+    assert counters(service)[0] - steps < STEPS
     with grpcclient.InferenceServerClient(service.endpoints.grpc_url) as c:  # and the server serves on
         answer = c.infer("crema", _inputs(grpcclient, slow["video"], task="oeqa", num_beams=1, max_new_tokens=1))
     assert answer.as_numpy("answer").shape == (1,)
+
+
+def test_a_client_that_cancels_stops_its_running_decode(slow):
+    """The decode has started (the encoders ran, nothing waits in the llm model's queue) when the client
+    cancels: the front marks the request on the cancellation board, and the decode loop stops at its next
+    step, well before 64 (Triton 2.51 alone lets a running python model run to its end)."""
+    service = slow["service"]
+    steps, stopped = counters(service)
+    encoded = metric(service, "nv_inference_exec_count", "mmqa_rgb")
+    with grpcclient.InferenceServerClient(service.endpoints.grpc_url) as c:
+        call = c.async_infer("crema", _inputs(grpcclient, slow["video"]), callback=lambda result, error: None)
+        wait_for(lambda: metric(service, "nv_inference_exec_count", "mmqa_rgb") == encoded + 1)
+        wait_for(lambda: metric(service, "nv_inference_pending_request_count") == 0)
+        time.sleep(0.3)
+        call.cancel()
+        wait_for(lambda: counters(service)[1] == stopped + 1)
+    done = counters(service)[0] - steps
+    assert 0 < done < STEPS
+    time.sleep(0.5)
+    assert counters(service) == (steps + done, stopped + 1)

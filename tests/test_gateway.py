@@ -147,6 +147,12 @@ def error_cases(served, allowed, tmp_path) -> list[tuple[str, dict, int, str]]:
         ("unknown model", {"messages": user(), "model": "gpt-4o"}, 404, "model"),
         ("undecodable video (Triton's INVALID_ARG)", {"messages": user(video_part("data:video/mp4;base64,AAAA"))},
          400, None),
+        ("options not a list", {"messages": user(), "extra_body": {"crema": {"options": "A B C"}}}, 400,
+         "crema.options"),
+        ("structured fields for a model exported without a dataset (Triton's INVALID_ARG)",
+         {"messages": user(video_part("data:video/mp4;base64," + b64(files["video"]))),
+          "extra_body": {"crema": {"situation": "I sit.", "depth": b64(files["depth"]),
+                                   "pc": b64(files["pc"])}}}, 400, None),
     ]
 
 

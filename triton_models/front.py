@@ -24,8 +24,9 @@ well-formed, and answers the rest itself:
                `timeout` parameter (its queue policies reject a request still queued at its deadline)
                and as `crema_deadline_ms` (the llm model's decode loop stops there). Triton 2.51 does
                not flag a cancellation inside a running python model, so this is what bounds the work
-               of a request whose client has gone: its queued steps are dropped on cancellation, its
-               running decode stops at the deadline
+               of a request whose client has gone: its queued steps are dropped on cancellation, and
+               the front marks its id (`crema_request_id`) on the cancellation board
+               (triton_models/cancel.py), where the llm model's decode loop sees it at its next step
   failures     when the supervisor reports a dead model process or server, every request in
                flight is answered at once (503 / UNAVAILABLE, "retry"); while it repairs, new
                requests get the same answer instead of waiting
@@ -44,6 +45,7 @@ import grpc
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from tritonclient.grpc import service_pb2
 
+from .cancel import ID_PARAMETER, CancelBoard, new_id
 from .contract import Contract, RequestRejected, TensorClaim, count_json_values
 from .layout import DEADLINE_PARAMETER
 from .loop import LoopThread
@@ -108,6 +110,12 @@ def deadline_s(limit_s: float, client_timeout_us=None, remaining_s: float | None
 def deadline_parameters(seconds: float) -> dict[str, int]:
     """The parameters Triton gets for a request that may take `seconds` from now."""
     return {"timeout": max(1, int(seconds * 1e6)), DEADLINE_PARAMETER: int((time.time() + seconds) * 1000)}
+
+
+def forwarded_parameters(seconds: float) -> dict:
+    """Every forwarded inference's parameters (a client's own of these names are replaced): its deadline
+    and its id on the cancellation board."""
+    return {**deadline_parameters(seconds), ID_PARAMETER: new_id()}
 
 
 # --- requests -> claims --------------------------------------------------------------------------
@@ -213,6 +221,7 @@ class Front(LoopThread):
                  grpc_port: int, ready=lambda: (True, "")):
         super().__init__("crema-front")
         self.server, self.contract, self.limits = server, contract, limits
+        self.board = CancelBoard(server.cancel_dir) if server.cancel_dir else None
         self.host, self.http_port, self.grpc_port = host, http_port, grpc_port
         self.ready = ready  # () -> (ready, why not)
         self._in_flight: set[asyncio.Future] = set()
@@ -276,8 +285,9 @@ class Front(LoopThread):
             raise Failure(503, f"the server is busy ({self.limits.max_in_flight} requests in flight, "
                                f"{self._waiting} waiting); retry shortly")
 
-    async def _guarded(self, forward, timeout_s: float):
-        """Run `forward()` within the in-flight limit; a reported failure or the deadline answers first."""
+    async def _guarded(self, forward, timeout_s: float, request_id: str | None = None):
+        """Run `forward()` within the in-flight limit; a reported failure or the deadline answers first. A
+        forward left unfinished (client gone, deadline, failure) is cancelled and its id marked on the board."""
         self._admit()
         self._waiting += 1
         try:
@@ -310,6 +320,8 @@ class Front(LoopThread):
         finally:  # also when this handler is cancelled (the client went away): the call to Triton goes too
             if not task.done():
                 task.cancel()
+                if self.board is not None and request_id is not None:
+                    self.board.mark(request_id)
             self._in_flight.discard(abort)
             self._slots.release()
 
@@ -371,12 +383,13 @@ class Front(LoopThread):
         if not isinstance(params, dict):
             raise RequestRejected("the request's parameters must be a JSON object")
         seconds = deadline_s(self.limits.timeout_s, params.get("timeout"))
-        parsed.json["parameters"] = {**params, **deadline_parameters(seconds)}
+        parsed.json["parameters"] = forwarded = {**params, **forwarded_parameters(seconds)}
         body, header_length = parsed.body()  # what was checked (and the deadline) is what Triton gets
         headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
-        return await self._guarded(lambda: self._forward_http("POST", request.path, body, headers), seconds)
+        return await self._guarded(lambda: self._forward_http("POST", request.path, body, headers), seconds,
+                                   forwarded[ID_PARAMETER])
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The body, read outside the forwarding slots (a slow client must not hold one) within
@@ -439,10 +452,15 @@ class Front(LoopThread):
             self.contract.check(claims, outputs)
             timeout = request.parameters["timeout"].int64_param if "timeout" in request.parameters else None
             seconds = deadline_s(self.limits.timeout_s, timeout, context.time_remaining())
-            for key, value in deadline_parameters(seconds).items():
-                request.parameters[key].int64_param = value
+            forwarded = forwarded_parameters(seconds)
+            for key, value in forwarded.items():
+                if isinstance(value, str):
+                    request.parameters[key].string_param = value
+                else:
+                    request.parameters[key].int64_param = value
             checked = request.SerializeToString()  # what was checked (and the deadline) is what Triton gets
-            return await self._guarded(lambda: self.grpc_forward("ModelInfer", checked, context, seconds), seconds)
+            return await self._guarded(lambda: self.grpc_forward("ModelInfer", checked, context, seconds), seconds,
+                                       forwarded[ID_PARAMETER])
         except RequestRejected as e:
             self.counts["rejected"] += 1
             await context.abort(GRPC_STATUS[e.status], str(e))

@@ -35,6 +35,7 @@ from runtime.datasets import structured_prompt
 from runtime.text import QuestionTokenizer, clean_question
 
 from .cache import ResponseCache
+from .cancel import ID_PARAMETER, CancelBoard
 from .layout import DEADLINE_PARAMETER, GENERATION_INPUTS, LLM_STAGES, MODEL_INFO, PROMPT_INPUTS
 
 MAX_QUESTION_BYTES = 4096
@@ -218,20 +219,22 @@ class BlsStage:
 
 class Watchdog:
     """stop() for the decode loop, asked before every decoder step: the request's deadline passed (the
-    `crema_deadline_ms` parameter the front sets; Triton passes it through the ensemble), or the request
-    was cancelled (Triton 2.51 flags this only on requests not yet running, but later versions may).
-    Counts the steps it allowed."""
+    `crema_deadline_ms` parameter the front sets; Triton passes it through the ensemble), the front marked
+    it cancelled (its client went away: triton_models/cancel.py), or Triton flags it cancelled (2.51 does
+    so only for requests not yet running; later versions may). Counts the steps it allowed."""
 
-    def __init__(self, request):
-        self.request, self.steps = request, 0
-        deadline = json.loads(request.parameters() or "{}").get(DEADLINE_PARAMETER)
+    def __init__(self, request, board: CancelBoard | None):
+        self.request, self.board, self.steps = request, board, 0
+        params = json.loads(request.parameters() or "{}")
+        deadline = params.get(DEADLINE_PARAMETER)
         self.deadline_s = deadline / 1000 if isinstance(deadline, int) else None
+        self.id = params.get(ID_PARAMETER) if isinstance(params.get(ID_PARAMETER), str) else None
 
     def __call__(self) -> str | None:
         if self.deadline_s is not None and time.time() > self.deadline_s:
             return "the request's deadline passed"
-        if self.request.is_cancelled():
-            return "the request was cancelled"
+        if self.request.is_cancelled() or (self.board is not None and self.board.marked(self.id)):
+            return "the request was cancelled (its client went away)"
         self.steps += 1
         return None
 
@@ -249,6 +252,7 @@ class LlmModel:
         else:
             self.stages = {n: BlsStage(specs[n]) for n in LLM_STAGES}
         self.tokenizer = QuestionTokenizer(version / TOKENIZER, self.config["max_txt_len"])
+        self.board = CancelBoard.from_env()  # crema serve's cancellation board (None under a plain tritonserver)
         labels = {"model": args["model_name"]}
         self.metric_families = [pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
                                 for name, text in (("crema_decoder_steps_total", "decoder steps run (first included)"),
@@ -297,7 +301,7 @@ class LlmModel:
         overrides = {k: (_blob(v).decode(errors="replace") if v.dtype == object else int(v.reshape(-1)[0]))
                      for k, v in options.items() if v is not None}
         g = generation_settings(self.config, **overrides)
-        stop = Watchdog(r)
+        stop = Watchdog(r, self.board)
         question = self.prompt(r)
         hidden, mask = fuse_encode(self.stages["fuse_encode"], self.tokenizer, self.tokens(r), [question])
         try:

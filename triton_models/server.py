@@ -30,6 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
+from .cancel import ENV as CANCEL_ENV
+from .cancel import make_board_dir
 from .layout import MODEL_INFO
 
 KEY_HEADER = "crema-internal-key"
@@ -149,6 +151,7 @@ class TritonServer:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._env: dict | None = None
         self._backends: Path | None = None
+        self.cancel_dir: Path | None = None  # the cancellation board's (triton_models/cancel.py)
 
     @property
     def http_url(self) -> str:
@@ -189,6 +192,8 @@ class TritonServer:
             folder = self._tmp.name if self._tmp else tempfile.mkdtemp(prefix="crema-triton-")
             self.log_path = Path(folder) / "server.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.cancel_dir = make_board_dir()
+        env[CANCEL_ENV] = str(self.cancel_dir)
         self._env = env
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
@@ -288,4 +293,7 @@ class TritonServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+        if self.cancel_dir is not None:
+            shutil.rmtree(self.cancel_dir, ignore_errors=True)
+            self.cancel_dir = None
         return code
