@@ -169,3 +169,18 @@ def test_nextqa_flow_folders_are_read_as_crema_reads_them(tmp_path):
     want = np.stack([np.asarray(Image.open(files[i]).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                                 .transpose(Image.Transpose.ROTATE_90).resize((56, 56))) for i in (1, 3)])
     np.testing.assert_array_equal(got, ((want / np.float32(255) - MEAN) / STD).transpose(0, 3, 1, 2))
+
+
+def test_the_demo_model_evaluated_on_the_synthetic_task(served, tmp_path):
+    """The trained demo model on the served clips' questions (questions.jsonl as the generator writes it),
+    through ONNX Runtime and `crema serve`: the same predictions, and the demo model's accuracy."""
+    from crema.evaluate import RuntimeBackend, TritonBackend
+    from runtime.specs import modality_names
+    questions = served["data"] / "questions.jsonl"
+    modalities = modality_names(served["pipeline"].config)
+    ort = run("synthetic", questions, served["data"], tmp_path / "ort", RuntimeBackend(served["artifacts"]),
+              modalities, progress=False)
+    triton = run("synthetic", questions, served["data"], tmp_path / "triton",
+                 TritonBackend(served["service"].endpoints.grpc_url), modalities, progress=False)
+    assert predictions(ort) == predictions(triton) and ort["counts"]["errors"] == 0
+    assert ort["metrics"]["total"] == 18 and ort["metrics"]["accuracy"] >= 90, ort["table"]
