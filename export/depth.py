@@ -173,6 +173,9 @@ def load_depth_model(directory: str | Path) -> tuple[DepthStage, dict]:
     randomly), and the model is FP32."""
     directory = Path(directory)
     cls, config, section = check_depth_model(directory)
+    from transformers.utils import logging as hf_logging
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar: the export has a progress bar of its own
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -180,6 +183,9 @@ def load_depth_model(directory: str | Path) -> tuple[DepthStage, dict]:
                                               output_loading_info=True)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise DepthModelError(f"{directory}: transformers cannot load the {cls.__name__} weights ({e})") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     problems = [f"{len(info[k])} {label} ({', '.join(sorted(map(str, info[k]))[:3])}...)"
                 for k, label in (("missing_keys", "missing"), ("mismatched_keys", "mis-shaped")) if info.get(k)]
     if problems or info.get("error_msgs"):
