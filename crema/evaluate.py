@@ -5,7 +5,9 @@
     crema evaluate --dataset sqa3d ... --blip2-dir B --crema-ckpt P --crema-ckpt F   (the PyTorch reference)
 
 Each item is asked as CREMA asks it (runtime/datasets.py): its prompt template, its generation settings
-(NExT-QA: mcqa scoring of the option letters; MUSIC-AVQA and SQA3D: beam search), SQA3D's 5000 points.
+(NExT-QA: mcqa scoring of the option letters; MUSIC-AVQA and SQA3D: beam search), SQA3D's 5000 points,
+its frames as CREMA's loaders give them (frame folders: Pillow BICUBIC, NExT-QA flow un-mirrored; video
+files: scaled inside FFmpeg as decord scales them, runtime/video.py decode_scaled).
 Answers go to OUT/predictions.jsonl one line at a time (evaluation/runner.py: an interrupted run resumes
 where it stopped); the metrics to OUT/metrics.json and OUT/metrics.md. The synthetic task asks its
 questions as they are, with the model's own settings.
@@ -62,6 +64,10 @@ def inputs(item: Item, media_root: Path, modalities: list[str], shapes: dict | N
         out["frames"]["rgb"] = video
     elif video is not None:
         out["video"] = video
+        if item.dataset in ("music-avqa", "sqa3d") and "rgb" in (shapes or {}):  # CREMA reads these with decord
+            from runtime.video import decode_scaled, normalize_frames
+            t, size = shapes["rgb"]
+            out["frames"]["rgb"] = normalize_frames(decode_scaled(video, t, size, f"item {item.id!r} video"), size)
     elif "frames" in found:  # SQA3D: CREMA's frame folder of the scene
         out["frames"]["rgb"] = found["frames"]
     for m in ("depth", "flow", "norm"):

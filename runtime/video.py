@@ -194,6 +194,51 @@ def decode_with_successors(source: str | Path | bytes, n_frames: int,
     return np.stack([frames[i] for i in both[:n_frames]]), np.stack([frames[i] for i in both[n_frames:]])
 
 
+def decode_scaled(source: str | Path | bytes, n_frames: int, size: int, name: str | None = None) -> np.ndarray:
+    """n frames sampled as decode_frames samples them, each scaled straight to [size, size] the way CREMA's
+    `load_video` gets them from decord's `VideoReader(height=size, width=size)`: FFmpeg's `scale` filter
+    with bilinear interpolation (FFmpeg 4's default; decord bundles 4.1) on the decoder's own pixel format
+    (YUV), then RGB -> [n, size, size, 3] uint8. No RGB-domain resize can match it (docs/resize.md).
+    Decoded with PyAV (the soundtrack's decoder too); the header's frame size is checked first."""
+    import av
+
+    with video_file(source, name) as (path, label):
+        wanted = uniform_indices(_header_count(path, label), n_frames)
+        frames: dict[int, np.ndarray] = {}
+        try:
+            with av.open(str(path)) as container:
+                graph = None
+                for i, frame in enumerate(container.decode(video=0)):
+                    if i in wanted and i not in frames:
+                        graph = graph or _scale_graph(frame, size)
+                        graph.push(frame)
+                        frames[i] = graph.pull().to_ndarray()
+                    if len(frames) == len(set(wanted)):
+                        break
+        except av.error.FFmpegError as e:
+            raise VideoError(f"{label}: not a video FFmpeg can decode ({e})") from None
+    missing = sorted(set(wanted) - set(frames))
+    if missing:
+        raise VideoError(f"{label}: frame {missing[0]} of the {len(wanted)} sampled did not decode (truncated?)")
+    return np.stack([frames[i] for i in wanted])
+
+
+def _scale_graph(first, size: int):
+    """buffer -> scale=size:size:flags=bilinear -> rgb24 -> sink, for frames shaped as `first`."""
+    import av
+    from fractions import Fraction
+
+    graph = av.filter.Graph()
+    nodes = [graph.add_buffer(width=first.width, height=first.height, format=first.format.name,
+                              time_base=first.time_base or Fraction(1, 1000)),
+             graph.add("scale", f"{size}:{size}:flags=bilinear"),  # FFmpeg >= 5 defaults to bicubic: say it
+             graph.add("format", "rgb24"), graph.add("buffersink")]
+    for a, b in zip(nodes, nodes[1:]):
+        a.link_to(b)
+    graph.configure()
+    return graph
+
+
 # --- folders of frames ---------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

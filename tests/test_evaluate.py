@@ -184,3 +184,15 @@ def test_the_demo_model_evaluated_on_the_synthetic_task(served, tmp_path):
                  TritonBackend(served["service"].endpoints.grpc_url), modalities, progress=False)
     assert predictions(ort) == predictions(triton) and ort["counts"]["errors"] == 0
     assert ort["metrics"]["total"] == 18 and ort["metrics"]["accuracy"] >= 90, ort["table"]
+
+
+@pytest.mark.parametrize("dataset", ["music-avqa"], indirect=True)
+def test_videos_are_read_as_cremas_decord_reads_them(dataset):
+    """MUSIC-AVQA and SQA3D videos: rgb frames scaled inside FFmpeg (decode_scaled, checked against decord
+    in tests/test_video.py), not OpenCV's resize of the full frames."""
+    from runtime.video import decode_frames, decode_scaled, normalize_frames
+    [item, *_] = load_annotations("music-avqa", dataset["annotations"])
+    got = inputs(item, dataset["media"], ["rgb", "audio"], {"rgb": (2, 56)})
+    video = got["video"]
+    np.testing.assert_array_equal(got["frames"]["rgb"], normalize_frames(decode_scaled(video, 2, 56), 56))
+    assert not np.array_equal(got["frames"]["rgb"], normalize_frames(decode_frames(video, 2), 56))

@@ -124,3 +124,22 @@ def test_a_truncated_video_is_sampled_over_the_frames_that_remain(tmp_path):
     np.testing.assert_array_equal(decode_frames(cut, 4), decode_frames(_write_mjpg(tmp_path / "seven.avi", 7), 4))
     frames, successors = decode_with_successors(cut, 3)
     np.testing.assert_array_equal(successors, truth[[min(i + 1, 6) for i in uniform_indices(7, 3)]])
+
+
+def test_decode_scaled_equals_decord_as_crema_loads_videos():
+    """CREMA's load_video (data_utils.py l.185) reads videos with decord, scaled inside FFmpeg; its frames
+    were recorded once (tests/data/decord/README.md). decode_scaled gives them bit for bit; OpenCV decoding
+    + INTER_CUBIC (decode_frames + normalize_frames) does not."""
+    from pathlib import Path
+
+    from runtime.video import decode_scaled
+    data = Path(__file__).parent / "data" / "decord"
+    want = np.load(data / "decord_56.npy")
+    got = decode_scaled(data / "clip.mp4", 4, 56)
+    np.testing.assert_array_equal(got, want)
+    assert decode_scaled((data / "clip.mp4").read_bytes(), 4, 56).tobytes() == want.tobytes()  # bytes too
+    cubic = np.stack([cv2.resize(f, (56, 56), interpolation=cv2.INTER_CUBIC)
+                      for f in decode_frames(data / "clip.mp4", 4)])
+    assert np.abs(cubic.astype(int) - want).max() > 50
+    with pytest.raises(VideoError, match="video bytes"):
+        decode_scaled(b"not a video", 4, 56)
