@@ -221,9 +221,8 @@ def cmd_evaluate(args, usage_error) -> None:
     backend, config = _backend(args, usage_error)
     if config is not None:
         modalities = modality_names(config)
-    else:  # Triton: what the served ensemble takes
-        inputs = {i for i in backend.client.frame_shapes()}
-        modalities = sorted(inputs) + ["audio", "pc"]
+    else:  # Triton: its visual modalities from the ensemble's metadata; audio and pc are read when present
+        modalities = sorted(backend.shapes) + ["audio", "pc"]
     result = run(args.dataset, args.annotations, args.media, args.out, backend, modalities, progress=not args.quiet,
                  limit=args.limit)
     print(result["table"])
