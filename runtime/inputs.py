@@ -115,6 +115,9 @@ def request_from_files(config: dict, question: str, video=None, depth=None, dept
             raise ModalityError("pc: the configuration needs 3D features, which a video cannot give (feat [P, D] "
                                 "and coords [P, 3]: request fields pc_feat and pc_coords)")
         request.pc_feat, request.pc_coords = _points(pc)
+        if config.get("dataset") == "sqa3d":  # its convention: always 5000 points (runtime/datasets.py)
+            from .datasets import crema_points
+            request.pc_feat, request.pc_coords, _ = crema_points(request.pc_feat, request.pc_coords)
     return request
 
 

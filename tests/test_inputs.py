@@ -154,3 +154,19 @@ def test_a_video_alone_gives_rgb_flow_and_its_soundtrack(tmp_path):
     silent = write_av(tmp_path / "silent.mp4", frames=frames)
     with pytest.raises(ModalityError, match=r"^audio: .* has no soundtrack \(video bytes: no audio stream\)"):
         request_from_files(cfg, "Q?", video=silent.read_bytes())
+
+
+def test_a_model_exported_for_sqa3d_always_gets_5000_points(files):
+    """SQA3D's convention (threedvqa_datasets.py l.249-255, runtime/datasets.py crema_points): more points
+    are cut to the first 5000, fewer padded with zero features at voxel (0, 0, 0); other models get every
+    point given."""
+    cfg = preset("tiny", modalities=("rgb", "pc")).to_dict()
+    rng = np.random.default_rng(0)
+    for n in (120, 6000):
+        feat, coords = rng.standard_normal((n, 48)).astype(np.float32), rng.integers(0, 32, (n, 3))
+        plain = request_from_files(cfg, "Q?", video=files / "clip.mp4", pc=(feat, coords))
+        sqa3d = request_from_files({**cfg, "dataset": "sqa3d"}, "Q?", video=files / "clip.mp4", pc=(feat, coords))
+        assert plain.pc_feat.shape == (n, 48) and sqa3d.pc_feat.shape == (5000, 48)
+        kept = min(n, 5000)
+        np.testing.assert_array_equal(sqa3d.pc_feat[:kept], feat[:kept])
+        assert not sqa3d.pc_feat[kept:].any() and not sqa3d.pc_coords[kept:].any()
