@@ -1,9 +1,10 @@
 """Benchmark: the runtime's 224-px frame resize against CREMA's own, on realistic frame sizes.
 
-    .venv/bin/python -m pip install --no-deps --target /tmp/resize-deps pillow decord   # once
-    PYTHONPATH=/tmp/resize-deps .venv/bin/python bench/bench_resize.py [--repeat 3] [--out docs/resize.md]
+    .venv/bin/python -m pip install --no-deps --target out/bench-deps decord   # once
+    .venv/bin/python bench/bench_resize.py [--repeat 3] [--out docs/resize.md]
 
-Pillow and decord are CREMA's readers, not dependencies of this project: install them aside as above.
+decord is CREMA's video reader, not a dependency of this project: install it aside as above (the script
+looks in out/bench-deps); Pillow is a dependency (frame folders, runtime/video.py).
 CREMA (Yui010206/CREMA, lavis/datasets/data_utils.py) stretches the whole frame to a 224x224 square
 (no crop), then /255 and CLIP's mean/std (blip_processors.py ToTensorVideo + NormalizeVideo):
   folders  load_frames l.174 `img.resize((width, height))`: Pillow's default filter for RGB, BICUBIC
@@ -40,6 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "out" / "bench-deps"))  # decord, installed aside (module docstring)
 
 from bench.machine import describe  # noqa: E402
 from runtime import video  # noqa: E402
@@ -48,8 +50,8 @@ try:
     import decord
     from PIL import Image
 except ImportError as e:
-    sys.exit(f"{e.name} missing: .venv/bin/python -m pip install --no-deps --target /tmp/resize-deps pillow decord, "
-             "then PYTHONPATH=/tmp/resize-deps (see this file's docstring)")
+    sys.exit(f"{e.name} missing: .venv/bin/python -m pip install --no-deps --target out/bench-deps decord "
+             "(see this file's docstring)")
 
 S = 224
 HEADING = "## Measurements"
@@ -299,7 +301,7 @@ def table(rows: list[dict]) -> list[str]:
 
 def write(out: Path, machine: str, frame_rows: list[dict], video_rows: list[dict]) -> None:
     section = [HEADING, "",
-               f"`PYTHONPATH=/tmp/resize-deps .venv/bin/python bench/bench_resize.py`, on {machine}; "
+               f"`.venv/bin/python bench/bench_resize.py`, on {machine}; "
                f"Pillow {Image.__version__}, decord {decord.__version__}, OpenCV {cv2.__version__} "
                f"({cv2.getNumThreads()} threads), numpy {np.__version__}. 0-255 units before normalisation; "
                "ms/frame: the resize alone, best of the rounds.", "",

@@ -13,8 +13,9 @@ from pathlib import Path
 
 # Pure-Python constants (no torch, no ONNX Runtime): the choices stay those the packages accept.
 from crema.deploy import add_deploy
+from crema.evaluate import add_evaluate
 from gateway.cli import add_gateway
-from reference.config import DOWNSTREAM_TASKS
+from reference.config import DATASETS, DOWNSTREAM_TASKS
 from runtime.artifacts import PRECISIONS
 from triton_models.layout import MAX_QUEUE, QUEUE_TIMEOUT_MS
 
@@ -79,7 +80,7 @@ def _raw_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question", required=True, help="the question (with --dataset music-avqa: its template, "
                                                      "<...> placeholders filled from --templ-values)")
     d = p.add_argument_group("asked as CREMA asks a dataset's questions (its prompt and generation settings)")
-    d.add_argument("--dataset", choices=["nextqa", "music-avqa", "sqa3d"])
+    d.add_argument("--dataset", choices=DATASETS)
     d.add_argument("--option", action="append", help="nextqa: an answer option (five, in order A..E)")
     d.add_argument("--situation", help="sqa3d: the situation text")
     d.add_argument("--templ-values", help="music-avqa: the placeholder values, e.g. '[\"cello\"]'")
@@ -277,12 +278,11 @@ def dataset_prompt(args, exported: str | None = None) -> None:
         raise UsageError(str(e)) from None
     if not args.dataset:
         return  # the artifacts' generation settings are the dataset's already
-    preset = dataset_preset(dataset)
+    options = dataset_preset(dataset).request_options()
     task = "downstream" if hasattr(args, "downstream") else "task"
-    for dest, value in ((task, preset.downstream_task), ("beams", preset.num_beams),
-                        ("max_new_tokens", preset.max_new_tokens)):
+    for dest, key in ((task, "task"), ("beams", "num_beams"), ("max_new_tokens", "max_new_tokens")):
         if getattr(args, dest) is None:
-            setattr(args, dest, value)
+            setattr(args, dest, options[key])
 
 
 def read_request(args, question: str, config: dict):
@@ -387,7 +387,7 @@ def add_export(sub) -> None:
     _model_args(p)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--dataset", choices=["nextqa", "music-avqa", "sqa3d"],
+    p.add_argument("--dataset", choices=DATASETS,
                    help="export with a CREMA dataset's conventions: its generation settings and answer form, and "
                         "requests may carry its structured fields (options, situation, templ_values)")
     p.add_argument("--depth-model", type=Path, metavar="DIR",
@@ -492,11 +492,14 @@ def add_train_demo(sub) -> None:
     p.set_defaults(func=cmd_train_demo)
 
 
+def _settings(cls, args):
+    """A settings dataclass from the flags the user gave (the rest keep their defaults)."""
+    return cls(**{k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None})
+
+
 def cmd_train_demo(args) -> None:
     from training.demo import TrainSettings, metrics_table, train_demo
-    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k in TrainSettings.__dataclass_fields__
-                                and v is not None})
-    metrics = train_demo(args.out, settings, work=args.work)
+    metrics = train_demo(args.out, _settings(TrainSettings, args), work=args.work)
     print(metrics_table(metrics))
     _compare_with_shipped(metrics, Path(args.out))
     print(f"wrote {args.out} (checkpoint + metrics.json); `crema run --checkpoint {args.out}` uses it")
@@ -535,9 +538,7 @@ def add_train_depth(sub) -> None:
 
 def cmd_train_depth(args) -> None:
     from training.depth import DepthSettings, report_markdown, train_depth
-    settings = DepthSettings(**{k: v for k, v in vars(args).items() if k in DepthSettings.__dataclass_fields__
-                                and v is not None})
-    metrics = train_depth(args.out, settings, work=args.work)
+    metrics = train_depth(args.out, _settings(DepthSettings, args), work=args.work)
     print(report_markdown(metrics))
     print(f"wrote {args.out}; `crema export --preset demo --depth-model {args.out}` exports it with the demo model")
 
@@ -750,14 +751,9 @@ def cmd_ask(args) -> None:
 
 # --- the command ---------------------------------------------------------------------------------
 
-def add_evaluate_command(sub) -> None:
-    from crema.evaluate import add_evaluate
-    add_evaluate(sub, _model_args, UsageError)
-
-
 SUBCOMMANDS = (add_info, add_run, add_export, add_parity, add_checkpoint, add_demo, add_calibrate, add_convert_fp16,
                add_build_trt, add_train_demo, add_train_depth, add_triton_repo, add_serve, add_ask, add_gateway,
-               add_deploy, add_evaluate_command)
+               add_deploy, add_evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

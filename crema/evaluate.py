@@ -23,6 +23,7 @@ from evaluation.annotations import Item, load_annotations
 from evaluation.media import load_points, resolve_media
 from evaluation.runner import evaluate
 from runtime.datasets import DATASETS, crema_points, music_avqa_prompt, nextqa_prompt, sqa3d_prompt
+from runtime.specs import VISUAL, modality_names
 
 DATASET_NAMES = ("nextqa", "music-avqa", "sqa3d", "synthetic")
 
@@ -40,15 +41,11 @@ def prompt(item: Item) -> str:
 
 def generation(dataset: str) -> dict:
     """Request options of CREMA's evaluation of `dataset` (the model's own for the synthetic task)."""
-    if dataset not in DATASETS:
-        return {}
-    p = DATASETS[dataset]
-    return {"task": p.downstream_task, "num_beams": p.num_beams, "max_new_tokens": p.max_new_tokens}
+    return DATASETS[dataset].request_options() if dataset in DATASETS else {}
 
 
 def visual_shapes(config: dict) -> dict[str, tuple[int, int]]:
     """Visual modality -> (frames, image size) the model takes."""
-    from runtime.specs import VISUAL, modality_names
     t, size = config["frame_num"], config["vision"]["image_size"]
     return {m: (t, size) for m in modality_names(config) if m in VISUAL}
 
@@ -98,7 +95,7 @@ class RuntimeBackend:
         from runtime.pipeline import Pipeline
         self.pipeline = Pipeline(artifacts, precision=precision, providers=providers, threads=threads)
         self.config = self.pipeline.config
-        self.shapes = visual_shapes(self.config)
+        self.shapes, self.modalities = visual_shapes(self.config), modality_names(self.config)
 
     def __call__(self, question: str, files: dict, options: dict) -> dict:
         from runtime.inputs import request_from_files
@@ -115,6 +112,8 @@ class TritonBackend:
         from triton_models.client import CremaClient
         self.client = CremaClient(url, protocol, timeout_s=timeout_s)
         self.shapes = self.client.frame_shapes()
+        # its visual modalities from the ensemble's metadata; audio and pc are read when an item has them
+        self.modalities = sorted(self.shapes) + ["audio", "pc"]
 
     def __call__(self, question: str, files: dict, options: dict) -> dict:
         from triton_models.client import request_tensors, tensors_from_files
@@ -136,7 +135,7 @@ class ReferenceBackend:
 
     def __init__(self, model):
         self.model, self.config = model, model.cfg.to_dict()
-        self.shapes = visual_shapes(self.config)
+        self.shapes, self.modalities = visual_shapes(self.config), modality_names(self.config)
 
     def __call__(self, question: str, files: dict, options: dict) -> dict:
         import torch
@@ -153,10 +152,12 @@ class ReferenceBackend:
         return {"prediction": self.model.generate(inputs, **settings)[0].text}
 
 
-def run(dataset: str, annotations, media, out, backend, modalities: list[str], progress: bool = True,
+def run(dataset: str, annotations, media, out, backend, modalities: list[str] | None = None, progress: bool = True,
         limit: int | None = None) -> dict:
-    """Evaluate `backend` on the annotations; writes OUT/predictions.jsonl, metrics.json, metrics.md."""
+    """Evaluate `backend` on the annotations; writes OUT/predictions.jsonl, metrics.json, metrics.md.
+    modalities: what to read of each item's media (default: the backend's)."""
     items = load_annotations(dataset, annotations)[:limit]
+    modalities = backend.modalities if modalities is None else modalities
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options, media = generation(dataset), Path(media)
@@ -170,7 +171,8 @@ def run(dataset: str, annotations, media, out, backend, modalities: list[str], p
     return result
 
 
-def add_evaluate(sub, model_args, usage_error) -> None:
+def add_evaluate(sub) -> None:
+    from crema.cli import _model_args
     p = sub.add_parser("evaluate", help="ask a dataset's official annotations through one backend (ONNX Runtime, "
                                         "Triton or the PyTorch reference) and report CREMA's metrics")
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
@@ -187,43 +189,33 @@ def add_evaluate(sub, model_args, usage_error) -> None:
     b.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"])
     b.add_argument("--url", help="Triton (`crema serve`) host:port")
     b.add_argument("--protocol", choices=["http", "grpc"], default="grpc")
-    model_args(p)
-    p.set_defaults(func=lambda args: cmd_evaluate(args, usage_error))
+    _model_args(p)
+    p.set_defaults(func=cmd_evaluate)
 
 
-def _backend(args, usage_error):
-    references = [f for f, d in (("--preset", "preset"), ("--checkpoint", "checkpoint"), ("--blip2-dir", "blip2_dir"))
-                  if getattr(args, d)]
+def _backend(args):
+    from crema.cli import MODEL_SOURCES, UsageError, _given, load_model
+    references = _given(args, MODEL_SOURCES)
     chosen = [f for f, given in (("--artifacts", args.artifacts), ("--url", args.url), ("a model source",
                                                                                         references)) if given]
     if len(chosen) != 1:
-        raise usage_error("give exactly one backend: --artifacts, --url, or a model source (--preset, --checkpoint, "
-                          f"--blip2-dir){'; got ' + ' and '.join(chosen) if chosen else ''}")
+        raise UsageError("give exactly one backend: --artifacts, --url, or a model source (--preset, --checkpoint, "
+                         f"--blip2-dir){'; got ' + ' and '.join(chosen) if chosen else ''}")
     if args.artifacts:
-        backend = RuntimeBackend(args.artifacts, args.precision, args.provider)
-        return backend, backend.config
+        return RuntimeBackend(args.artifacts, args.precision, args.provider)
     if args.url:
         from triton_models.client import AskError
         try:
-            backend = TritonBackend(args.url, args.protocol)
+            return TritonBackend(args.url, args.protocol)
         except AskError as e:
             raise ValueError(str(e)) from None
-        return backend, None
-    from crema.cli import load_model
     if args.dataset in DATASETS and args.downstream is None:  # the reference's task is part of its config
         args.downstream = DATASETS[args.dataset].downstream_task
-    model = load_model(args)
-    return ReferenceBackend(model), model.cfg.to_dict()
+    return ReferenceBackend(load_model(args))
 
 
-def cmd_evaluate(args, usage_error) -> None:
-    from runtime.specs import modality_names
-    backend, config = _backend(args, usage_error)
-    if config is not None:
-        modalities = modality_names(config)
-    else:  # Triton: its visual modalities from the ensemble's metadata; audio and pc are read when present
-        modalities = sorted(backend.shapes) + ["audio", "pc"]
-    result = run(args.dataset, args.annotations, args.media, args.out, backend, modalities, progress=not args.quiet,
+def cmd_evaluate(args) -> None:
+    result = run(args.dataset, args.annotations, args.media, args.out, _backend(args), progress=not args.quiet,
                  limit=args.limit)
     print(result["table"])
     print(result["summary"])

@@ -194,6 +194,10 @@ class DatasetPreset:
                                f"{', '.join(map(str, extra))} (expected {', '.join(self.prompt_fields)})")
         return self.prompt_builder(**{f: fields[f] for f in self.prompt_fields})
 
+    def request_options(self) -> dict:
+        """The generation options a request carries to be answered as CREMA's evaluation answers."""
+        return {"task": self.downstream_task, "num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens}
+
     def as_dict(self) -> dict:
         """JSON-ready: the builder by its function name, tuples as lists."""
         return {"name": self.name, "prompt_builder": self.prompt_builder.__name__,
@@ -278,9 +282,6 @@ def crema_points(feat: np.ndarray, coords: np.ndarray, n: int = PC_POINTS) -> tu
     return out_feat, out_coords, np.ones(n, dtype=np.int64)
 
 
-STRUCTURED_FIELDS = ("options", "situation", "templ_values")  # what a request may carry besides its question
-
-
 def structured_prompt(dataset: str | None, question: str, options: Sequence[str] | None = None,
                       situation: str | None = None, templ_values: str | Sequence[str] | None = None) -> str:
     """The prompt for a request that carries a dataset's structured fields (CLI flags, Triton inputs):
@@ -292,13 +293,11 @@ def structured_prompt(dataset: str | None, question: str, options: Sequence[str]
         raise DatasetError(f"{', '.join(given) or 'structured fields'}: these need a dataset's conventions "
                            f"(export with --dataset {'|'.join(DATASETS)}, or ask with --dataset)")
     preset = dataset_preset(dataset)
-    takes = {"nextqa": {"options"}, "music-avqa": {"templ_values"}, "sqa3d": {"situation"}}[dataset]
+    takes = set(preset.prompt_fields) - {"question", "question_template"}  # the question fills those
     extra = sorted(set(given) - takes)
     if extra:
         raise DatasetError(f"{', '.join(extra)}: {dataset} takes {', '.join(sorted(takes))} besides the question")
-    fields = {"nextqa": {"question": question, "options": given.get("options", [])},
-              "music-avqa": {"question_template": question, "templ_values": given.get("templ_values", "")},
-              "sqa3d": {"situation": given.get("situation"), "question": question}}[dataset]
-    if dataset == "sqa3d" and situation is None:
+    if "situation" in takes and situation is None:
         raise DatasetError("situation: sqa3d prompts begin with the situation; it is missing")
-    return preset.build_prompt(fields)
+    fields = {"question": question, "question_template": question, "options": [], "templ_values": "", **given}
+    return preset.build_prompt({f: fields[f] for f in preset.prompt_fields})

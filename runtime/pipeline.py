@@ -305,8 +305,8 @@ class Pipeline:
         hidden, mask = self.encode(requests)
         answers = decode_answers(self.stages, hidden, mask, self.generation(**overrides), self.tokenizer,
                                  self.answer_ids)
-        for a, given in zip(answers, self.tokenizer.lengths([r.question for r in requests])):
-            a.question_tokens = (min(given, self.tokenizer.max_len), given)
+        for a, counts in zip(answers, self.tokenizer.token_counts([r.question for r in requests])):
+            a.question_tokens = counts
         return answers
 
 

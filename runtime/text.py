@@ -69,6 +69,10 @@ class QuestionTokenizer:
         """Each question's tokens with </s>, before any cut."""
         return [len(ids) + 1 for ids in self._ids(questions)]
 
+    def token_counts(self, questions: list[str]) -> list[tuple[int, int]]:
+        """(read, given) per question: given > read when it is cut to max_len."""
+        return [(min(n, self.max_len), n) for n in self.lengths(questions)]
+
     def encode(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """-> question_ids, question_mask: [B, L] int64, L = longest question + </s>, at most max_len."""
         rows = [ids[: self.max_len - 1] + [EOS_ID] for ids in self._ids(questions)]

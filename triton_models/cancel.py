@@ -2,8 +2,8 @@
 
 Triton 2.51 drops the ensemble steps of a cancelled request that have not started, but never tells a
 python model that is already executing (`request.is_cancelled()` stays false; tests/test_deadlines.py).
-So the front gives every inference an id (request parameter `crema_request_id`, which Triton carries
-through the ensemble) and, when its client cancels or goes away, writes an empty file of that name into
+So the front gives every inference an id (request parameter `crema_request_id`, layout.ID_PARAMETER,
+which Triton carries through the ensemble) and, when its client cancels or goes away, writes an empty file of that name into
 a directory private to this server (mode 0700, on /dev/shm where there is one; its path reaches the
 model processes as CREMA_CANCEL_DIR). The llm model's decode loop looks for it before every step (one
 stat) and stops. Files older than KEEP_S are swept when a new one is written.
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 ENV = "CREMA_CANCEL_DIR"
-ID_PARAMETER = "crema_request_id"
 KEEP_S = 3600.0  # longer than any request may take (crema serve --request-timeout, 300 s by default)
 _ID = re.compile(r"^[0-9a-f]{32}$")
 

@@ -45,9 +45,9 @@ import grpc
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from tritonclient.grpc import service_pb2
 
-from .cancel import ID_PARAMETER, CancelBoard, new_id
+from .cancel import CancelBoard, new_id
 from .contract import Contract, RequestRejected, TensorClaim, count_json_values
-from .layout import DEADLINE_PARAMETER
+from .layout import DEADLINE_PARAMETER, ID_PARAMETER
 from .loop import LoopThread
 from .server import GRPC_KEY_HEADER, KEY_HEADER, TritonServer
 

@@ -23,3 +23,4 @@ ANSWER_NAMES = [x[0] for x in ANSWER_OUTPUTS]
 # request's deadline as unix time in ms. Triton passes request parameters through the ensemble to its
 # steps; the llm model's decode loop stops when it passes.
 DEADLINE_PARAMETER = "crema_deadline_ms"
+ID_PARAMETER = "crema_request_id"  # and its id on the cancellation board (triton_models/cancel.py)

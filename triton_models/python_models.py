@@ -35,8 +35,8 @@ from runtime.datasets import structured_prompt
 from runtime.text import QuestionTokenizer, clean_question
 
 from .cache import ResponseCache
-from .cancel import ID_PARAMETER, CancelBoard
-from .layout import DEADLINE_PARAMETER, GENERATION_INPUTS, LLM_STAGES, MODEL_INFO, PROMPT_INPUTS
+from .cancel import CancelBoard
+from .layout import DEADLINE_PARAMETER, GENERATION_INPUTS, ID_PARAMETER, LLM_STAGES, MODEL_INFO, PROMPT_INPUTS
 
 MAX_QUESTION_BYTES = 4096
 RAW_INPUTS = ("video", "depth", "audio", "pc_feat", "pc_coords")
@@ -290,8 +290,6 @@ class LlmModel:
         if all(v is None for v in fields.values()):
             return question
         text = {k: [_text(x, k) for x in v.reshape(-1)] for k, v in fields.items() if v is not None}
-        if len(text.get("options", [])) > 5:
-            raise RequestError(f"options: {len(text['options'])} given, at most 5")
         return clean_question(structured_prompt(self.config.get("dataset"), question, text.get("options"),
                                                 *(text[k][0] if k in text else None
                                                   for k in ("situation", "templ_values"))))
@@ -311,8 +309,7 @@ class LlmModel:
             raise
         finally:
             self.steps.increment(stop.steps)
-        given = self.tokenizer.lengths([question])[0]
         return {"answer": np.array([answer.text.encode()], dtype=object),
                 "option_scores": np.array(answer.option_scores or [], dtype=np.float32),
-                "question_tokens": np.array([min(given, self.tokenizer.max_len), given], dtype=np.int32)}
+                "question_tokens": np.array(self.tokenizer.token_counts([question])[0], dtype=np.int32)}
 
